@@ -40,6 +40,12 @@ class Settings:
     require_device: bool = False
     # Cap on the memory of Jacobian chunks, in bytes.
     max_memory: int = 512 * 2**20
+    # auto | full | fast: full Jacobians, projected checks with localisation, or by size.
+    mode: str = "auto"
+    # Worker processes for independent cases (1 = in this process).
+    jobs: int = 1
+    # Check the forward-mode jvp when the Function defines one.
+    forward_ad: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def with_(self, **changes: Any) -> "Settings":
