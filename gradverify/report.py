@@ -155,6 +155,8 @@ class CaseResult:
     notes: tuple[str, ...] = ()
     domain: str = "any"
     input_names: tuple[str, ...] = ()
+    # Line of the Function's backward, where CI annotations point (None when not found).
+    backward_line: int | None = None
 
     @property
     def ok(self) -> bool:

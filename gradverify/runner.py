@@ -259,7 +259,7 @@ def run_case(case: Case, settings: Settings, values: list[Any] | None = None) ->
     input_names = tuple(p.name for p in case.inputs)
     base = dict(op=case.op.name, file=case.op.file, line=case.op.line, shapes=case.shapes, dtype=case.dtype,
                 device=case.device, seed=case.seed, domain=case.domain_label, repro=repro_command(case),
-                input_names=tuple(p.name for p in case.tensor_inputs))
+                input_names=tuple(p.name for p in case.tensor_inputs), backward_line=case.op.backward_line)
     unavailable = device_unavailable(case.device)
     if unavailable:
         status = Status.FAILED if settings.require_device else Status.SKIPPED

@@ -52,3 +52,19 @@ class OpSpec:
     rtol: float | None = None
     backward_line: int | None = None
     covers: tuple[str, ...] = field(default_factory=tuple)
+    # Per-op run settings a spec may fix (a YAML spec's `dtypes:`, `seed:` ...). Empty/None
+    # means "whatever the run's settings say"; a value here beats pyproject.toml and the
+    # built-in defaults but not a command-line flag or GRADVERIFY_* variable
+    # (see cases.case_settings).
+    dtypes: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
+    seed: int | None = None
+    # (dtype, atol, rtol): tolerances for one dtype, beating the op's overall atol/rtol.
+    dtype_tolerances: tuple[tuple[str, float | None, float | None], ...] = ()
+    # Optional checks to run (CHECK_NAMES); () = the run's settings decide. The contracts and
+    # the Jacobian comparison always run.
+    checks: tuple[str, ...] = ()
+
+
+# Checks a spec can select. "jacobian" (and the contracts) always run; listing it is allowed.
+CHECK_NAMES: tuple[str, ...] = ("jacobian", "gradcheck", "second_order", "forward_mode")

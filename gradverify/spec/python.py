@@ -36,6 +36,9 @@ def import_spec_module(path: Path) -> ModuleType:
     module_name = f"_gradverify_spec_{digest}_{path.stem}"
     before = set(sys.modules)
     sys.path.insert(0, folder)
+    # Importing must not write __pycache__ folders into the user's tree.
+    wrote_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
     try:
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
@@ -66,6 +69,7 @@ def import_spec_module(path: Path) -> ModuleType:
             ) from exc
         return module
     finally:
+        sys.dont_write_bytecode = wrote_bytecode
         try:
             sys.path.remove(folder)
         except ValueError:

@@ -1,0 +1,121 @@
+"""The Functions the benchmark times: correct backwards, plus the two bugs torch's fast mode misses.
+
+Each is a plain custom torch.autograd.Function, written the way users write them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ColumnNormalize(torch.autograd.Function):
+    """y = x / x.sum(0): every output couples with its whole column."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        s = x.sum(0)
+        ctx.save_for_backward(x, s)
+        return x / s
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        x, s = ctx.saved_tensors
+        return grad_output / s - (grad_output * x).sum(0) / s**2
+
+
+class Softmax(torch.autograd.Function):
+    """Row softmax with the full backward: g*y - y*sum(g*y)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        y = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        (y,) = ctx.saved_tensors
+        return y * (grad_output - (grad_output * y).sum(-1, keepdim=True))
+
+
+class SoftmaxDiagonalOnly(torch.autograd.Function):
+    """BUG: drops the off-diagonal terms -y_i y_j of the softmax Jacobian (keeps y_i (1 - y_i))."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        y = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        (y,) = ctx.saved_tensors
+        return grad_output * y * (1 - y)
+
+
+class MatMul(torch.autograd.Function):
+    """out = a @ b, two differentiable inputs."""
+
+    @staticmethod
+    def forward(ctx, a, b):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        a, b = ctx.saved_tensors
+        return grad_output @ b.transpose(-1, -2), a.transpose(-1, -2) @ grad_output
+
+
+class SinTimesTanh(torch.autograd.Function):
+    """Element-wise y = sin(x) * tanh(x): a diagonal Jacobian."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        return torch.sin(x) * torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(x)
+        return grad_output * (torch.cos(x) * t + torch.sin(x) * (1 - t * t))
+
+
+def wrong_linear_map(n: int, row: int, col: int, error: float = 1.0, seed: int = 0) -> type:
+    """y = W x for a fixed n x n W whose backward uses W with one entry off by `error`."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    wrong = weight.clone()
+    wrong[row, col] += error
+
+    class WrongLinearMap(torch.autograd.Function):
+        W = weight
+        W_backward = wrong
+
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+            return x @ weight.to(x.dtype).T
+
+        @staticmethod
+        def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+            return grad_output @ wrong.to(grad_output.dtype)
+
+    return WrongLinearMap
+
+
+class ScaleWithOneWrongEntry(torch.autograd.Function):
+    """y = 3 x element-wise on a huge input, whose backward is wrong at exactly one entry."""
+
+    WRONG_INDEX = 123_457
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        return 3 * x
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        grad = 3 * grad_output
+        flat = grad.reshape(-1).clone()
+        flat[ScaleWithOneWrongEntry.WRONG_INDEX] = flat[ScaleWithOneWrongEntry.WRONG_INDEX] * 1.5
+        return flat.reshape(grad_output.shape)
