@@ -551,3 +551,4 @@ def test_contracts_use_random_grad_outputs_not_ones() -> None:
 
     report = gradverify.verify(RightOnlyForOnes, rand(3, 3, positive=True))
     assert not report.ok
+
