@@ -9,7 +9,7 @@ from gradverify.cases import Case, expand_cases
 from gradverify.config import Settings, parse_dtype
 from gradverify.errors import SpecError, UsageError
 from gradverify.report import CaseResult, Report
-from gradverify.spec import load_spec, spec_files
+from gradverify.spec import load_path
 from gradverify.spec.model import InputSpec, OpSpec
 
 ProgressCallback = Callable[[CaseResult, int, int], None]
@@ -19,8 +19,7 @@ def collect_cases(paths: Sequence[Path], settings: Settings) -> list[Case]:
     """Load every spec and expand it into cases; spec errors raise SpecError (exit 2)."""
     cases: list[Case] = []
     for path in paths:
-        for file in spec_files(Path(path)):
-            ops = load_spec(file)
+        for file, ops in load_path(Path(path)):
             if settings.ops:
                 known = {op.name for op in ops}
                 missing = [name for name in settings.ops if name not in known]
@@ -41,6 +40,11 @@ def run_cases(cases: Iterable[Case], settings: Settings, progress: ProgressCallb
     from gradverify.runner import run_case
 
     case_list = list(cases)
+    if settings.jobs > 1 and len(case_list) > 1:
+        from gradverify.parallel import run_parallel
+
+        # Worker processes (spawned); the report keeps the order of the cases.
+        return Report(cases=tuple(run_parallel(case_list, settings, min(settings.jobs, len(case_list)), progress)))
     results: list[CaseResult] = []
     for k, case in enumerate(case_list):
         result = run_case(case, settings)
@@ -67,7 +71,8 @@ def verify(fn: Any, *inputs: Any, **options: Any) -> Report:
     fn: the Function class (or its `.apply`). inputs: forward's arguments. Floating tensors are
     differentiated if they require grad (or, when none does, all of them). The caller's tensors
     are never modified: every call works on copies.
-    options: atol, rtol, gradcheck ('fast'|'slow'|'off'), seed, nondet_tol, max_entries.
+    options: atol, rtol, gradcheck ('fast'|'slow'|'off'), seed, nondet_tol, max_entries, order (2 checks
+    the double backward), forward_ad (check a defined jvp; default True), reference (a plain function).
     """
     import torch
 
@@ -77,7 +82,8 @@ def verify(fn: Any, *inputs: Any, **options: Any) -> Report:
     function = getattr(fn, "__self__", fn)
     if not (isinstance(function, type) and issubclass(function, torch.autograd.Function)):
         raise UsageError(f"verify() expects a torch.autograd.Function subclass, got {fn!r}")
-    known = {"atol", "rtol", "gradcheck", "seed", "nondet_tol", "max_entries", "mismatch_cap", "reference"}
+    known = {"atol", "rtol", "gradcheck", "seed", "nondet_tol", "max_entries", "mismatch_cap", "reference",
+             "order", "forward_ad", "max_memory", "mode"}
     unknown = set(options) - known
     if unknown:
         raise UsageError(f"verify(): unknown option {sorted(unknown)[0]!r} (expected one of {', '.join(sorted(known))})")

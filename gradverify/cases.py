@@ -116,30 +116,84 @@ def _fill_default_shapes(inputs: tuple[InputSpec, ...]) -> tuple[tuple[InputSpec
     return tuple(resolved), used_default
 
 
+def _complete(template: tuple[InputSpec, ...]) -> bool:
+    return all(p.shape is not None for p in template if p.is_tensor and not p.optional)
+
+
 def expand_cases(op: OpSpec, settings: Settings) -> list[Case]:
-    """Every case of `op` the settings ask for: shape sets x dtypes x devices."""
+    """Every case of `op` the settings ask for: shape sets x dtypes x devices.
+
+    The op's own dtypes, devices and seed (a YAML spec's) are used unless the run chose them
+    on the command line or in GRADVERIFY_* variables; likewise shapes from pyproject.toml do
+    not replace shapes the spec declares for every input.
+    """
     templates = [decl.inputs for decl in op.declared] or [op.params]
     input_sets: list[tuple[tuple[InputSpec, ...], str]] = []
-    if settings.shapes:
+    use_run_shapes = bool(settings.shapes) and (
+        settings.is_explicit("shapes") or not op.declared or not all(_complete(t) for t in templates))
+    if use_run_shapes:
+        source = "command line" if settings.is_explicit("shapes") else "configuration"
         for shape_set in settings.shapes:
             template = templates[0]
             if len(shape_set) > 1:
                 matching = [t for t in templates if sum(p.is_tensor for p in t) == len(shape_set)]
                 template = matching[0] if matching else op.params
-            input_sets.append((_with_shapes(template, shape_set, op), "command line"))
+            input_sets.append((_with_shapes(template, shape_set, op), source))
     else:
         for template in templates:
             resolved, used_default = _fill_default_shapes(template)
             source = "default" if used_default else ("spec" if op.declared else "default")
             input_sets.append((resolved, source))
+    dtypes = op.dtypes if op.dtypes and not settings.is_explicit("dtypes") else settings.dtypes
+    devices = op.devices if op.devices and not settings.is_explicit("devices") else settings.devices
+    seed = op.seed if op.seed is not None and not settings.is_explicit("seed") else settings.seed
     cases: list[Case] = []
     for inputs, source in input_sets:
-        for dtype in settings.dtypes:
-            for device in settings.devices:
+        for dtype in dtypes:
+            for device in devices:
                 cases.append(Case(op=op, inputs=inputs, dtype=dtype, device=device,
-                                  seed=settings.seed, domain_override=settings.domain,
+                                  seed=seed, domain_override=settings.domain,
                                   shape_source=source))
     return cases
+
+
+def _lookup(rows: tuple[tuple[str, float | None, float | None], ...], dtype: str) -> tuple[float | None, float | None]:
+    for name, atol, rtol in rows:
+        if name == dtype:
+            return atol, rtol
+    return None, None
+
+
+def case_settings(case: Case, settings: Settings) -> Settings:
+    """The settings one case runs under, once the op's own spec values are applied.
+
+    Tolerance, most specific first: command line / GRADVERIFY_* > the op's per-dtype value >
+    the op's overall value > pyproject's per-dtype value > pyproject's overall value > the
+    built-in per-dtype default (compare.DEFAULT_TOLERANCES, applied later). An op's `checks`
+    turn gradcheck off (unless chosen explicitly), second order and forward mode on or off.
+    """
+    changes: dict[str, Any] = {}
+    op = case.op
+    op_atol, op_rtol = _lookup(op.dtype_tolerances, case.dtype)
+    cfg_atol, cfg_rtol = _lookup(settings.dtype_tolerances, case.dtype)
+    for name, op_dtype, op_all, cfg_dtype in (("atol", op_atol, op.atol, cfg_atol),
+                                               ("rtol", op_rtol, op.rtol, cfg_rtol)):
+        current = getattr(settings, name)
+        if settings.is_explicit(name) and current is not None:
+            continue
+        for value in (op_dtype, op_all, cfg_dtype, current):
+            if value is not None:
+                break
+        if value != current:
+            changes[name] = value
+    if op.checks:
+        if "gradcheck" not in op.checks and not settings.is_explicit("gradcheck"):
+            changes["gradcheck"] = "off"
+        if not settings.is_explicit("order"):
+            changes["order"] = 2 if "second_order" in op.checks else 1
+        if not settings.is_explicit("forward_ad"):
+            changes["forward_ad"] = "forward_mode" in op.checks
+    return settings.with_(**changes) if changes else settings
 
 
 def input_values(case: Case) -> list[Any]:

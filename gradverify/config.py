@@ -79,12 +79,14 @@ def parse_shape_set(text: str) -> ShapeSet:
     parts = [part.strip() for part in text.split(";")]
     shapes: list[Shape] = []
     for part in parts:
-        cleaned = part.strip("()[] ")
+        cleaned = part.strip("()[] ").rstrip(",")
         if cleaned == "":
             shapes.append(())
             continue
         try:
-            sizes = tuple(int(size) for size in cleaned.replace("x", ",").split(",") if size.strip())
+            # '2,3,3' and '2x3x3' both work; every token must be a size (no empty ones: '2,,3').
+            tokens = [size.strip() for size in cleaned.replace("x", ",").split(",")]
+            sizes = tuple(int(size) for size in tokens)
         except ValueError:
             raise UsageError(
                 f"--shape {text!r}: expected comma-separated sizes like 2,3,3 "
@@ -109,7 +111,8 @@ def parse_dtype(text: str) -> str:
 
 # --- project configuration: CLI flags > GRADVERIFY_* variables > pyproject.toml > defaults ---
 
-FORMATS = ("rich", "plain", "json")
+# Report formats on stdout (the CLI checks the final choice against its own list again).
+FORMATS = ("rich", "plain", "json", "junit", "github")
 
 # [tool.gradverify] keys -> what they hold. Each is also GRADVERIFY_<KEY> (upper case) in the
 # environment, except `tolerances` (a table); list values there are separated as listed.
@@ -161,8 +164,8 @@ def _toml_line(text: str, key: str, table: str = "tool.gradverify") -> int | Non
     return None
 
 
-def load_pyproject_config(path: Path) -> dict[str, Any]:
-    """The parsed values of `[tool.gradverify]` in `path` ({} if absent); errors exit 2."""
+def load_pyproject_config(path: Path) -> dict[str, Any] | None:
+    """The parsed values of `[tool.gradverify]` in `path` (None if it has no such table); errors exit 2."""
     import tomllib
 
     text = path.read_text(encoding="utf-8")
@@ -175,7 +178,7 @@ def load_pyproject_config(path: Path) -> dict[str, Any]:
                          col=int(found.group(2)) if found else None) from None
     table = data.get("tool", {}).get("gradverify")
     if table is None:
-        return {}
+        return None
     if not isinstance(table, dict):
         raise UsageError("[tool.gradverify]: expected a table, found a value", file=str(path))
     values: dict[str, Any] = {}
@@ -343,8 +346,9 @@ def resolve_settings(cli: Mapping[str, Any], start: Path, environ: Mapping[str, 
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     pyproject = find_pyproject(start)
-    if pyproject is not None:
-        merged.update(load_pyproject_config(pyproject))
+    configured = load_pyproject_config(pyproject) if pyproject is not None else None
+    if configured is not None:
+        merged.update(configured)
     from_env = env_config(environ)
     merged.update(from_env)
     explicit = set(from_env)
@@ -363,5 +367,11 @@ def resolve_settings(cli: Mapping[str, Any], start: Path, environ: Mapping[str, 
             raise TypeError(f"resolve_settings: unknown option {key!r}")
     values = {_FIELD_OF.get(k, k): v for k, v in merged.items()}
     values.update(passthrough)
-    extra = {"config_file": str(pyproject)} if pyproject is not None else {}
+    sources = {_FIELD_OF.get(k, k): ("command line" if k in cli and cli[k] not in (None, [], ()) else
+                                     f"GRADVERIFY_{k.upper()}" if k in from_env else "pyproject.toml")
+               for k in merged}
+    sources.update({k: "command line" for k in passthrough})
+    extra: dict[str, Any] = {"sources": sources}
+    if configured is not None:
+        extra["config_file"] = str(pyproject)
     return Settings(**values, explicit=frozenset(_FIELD_OF.get(k, k) for k in explicit), extra=extra)

@@ -34,5 +34,9 @@ class SpecError(GradverifyError):
     """The spec file cannot be loaded or does not describe a checkable op."""
 
 
+class NoFunctionError(SpecError):
+    """A Python file defines no autograd Function: an error for a spec, a helper module in a folder."""
+
+
 class UsageError(GradverifyError):
     """A command-line option or configuration value is not valid."""

@@ -249,6 +249,7 @@ def to_dict(report: Report) -> dict[str, Any]:
                 "op": case.op,
                 "file": case.file,
                 "line": case.line,
+                "backward_line": case.backward_line,
                 "inputs": list(case.input_names),
                 "shapes": [list(s) for s in case.shapes],
                 "dtype": case.dtype,

@@ -552,3 +552,24 @@ def test_contracts_use_random_grad_outputs_not_ones() -> None:
     report = gradverify.verify(RightOnlyForOnes, rand(3, 3, positive=True))
     assert not report.ok
 
+
+
+def test_missing_offdiag_names_the_coupled_dim_of_a_batched_op() -> None:
+    class BatchedDiagonalOnly(Fn):
+        @staticmethod
+        def forward(ctx, x):
+            s = x.sum(1, keepdim=True)
+            ctx.save_for_backward(x, s)
+            return x / s
+
+        @staticmethod
+        def backward(ctx, g):
+            x, s = ctx.saved_tensors
+            return g * (1 / s - x / s**2)
+
+    report = gradverify.verify(BatchedDiagonalOnly, rand(2, 3, 3, positive=True))
+    jac = next(c for c in report.cases[0].checks if c.name == "jacobian")
+    assert jac.mismatch_count == 2 * 3 * 3 * 2  # per sample and column: 3 outputs x 2 other rows
+    (diagnosis,) = jac.diagnoses
+    assert diagnosis.kind == "missing_offdiag"
+    assert "∂out[i,j,k]/∂x[i,l,k] for l≠j" in diagnosis.message and "dim 1" in diagnosis.message

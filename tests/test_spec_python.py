@@ -137,3 +137,28 @@ def test_paths_are_not_modified(write_spec) -> None:
     load_spec(spec)
     after = {p: p.read_bytes() for p in spec.parent.iterdir()}  # no __pycache__ either
     assert before == after
+
+
+def test_backward_line_is_the_def_line_below_its_decorators(write_spec) -> None:
+    spec = write_spec("lines.py", """\
+        import torch
+
+        class F(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x
+
+            @staticmethod
+            def backward(ctx, g):
+                return g
+        """)
+    (op,) = load_spec(spec)
+    assert op.line == 3 and op.backward_line == 9
+
+
+def test_trailing_comma_and_bad_tokens_in_shapes() -> None:
+    assert parse_shape_set("3,") == ((3,),)
+    assert parse_shape_set("2x3") == ((2, 3),)
+    for bad in ("2,x", "2,,3"):
+        with pytest.raises(UsageError):
+            parse_shape_set(bad)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from gradverify.render.github import render_github, render_github_summary
+from gradverify.render.html import render_html
 from gradverify.render.json_format import render_json
+from gradverify.render.junit import render_junit
 from gradverify.render.terminal import render_plain, render_rich
 
-__all__ = ["render_json", "render_plain", "render_rich"]
+__all__ = ["render_github", "render_github_summary", "render_html", "render_json", "render_junit", "render_plain",
+           "render_rich"]

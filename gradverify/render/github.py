@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import posixpath
 
-from gradverify.render.junit import case_label
-from gradverify.report import CaseResult, CheckResult, Report, Status, format_index
+from gradverify.render.junit import FORWARD_CHECKS, case_label
 from gradverify.render.terminal import footer
+from gradverify.report import CaseResult, CheckResult, Report, Status, format_index
 
 
 def escape_data(text: str) -> str:
@@ -49,7 +49,7 @@ def _message(check: CheckResult) -> str:
     if check.mismatches:
         worst = check.mismatches[0]
         lines.append(f"Greatest absolute difference: {worst.abs_err:.4g} at "
-                     f"d{format_index(worst.output, worst.out_index)} / d{format_index(worst.input, worst.in_index)} "
+                     f"∂{format_index(worst.output, worst.out_index)} / ∂{format_index(worst.input, worst.in_index)} "
                      f"(expected {worst.expected:.6g}, got {worst.got:.6g})")
     for d in check.diagnoses:
         lines.append(f"diagnosis [{d.kind}] {d.message}")
@@ -76,7 +76,7 @@ def render_github(report: Report, *, workspace: str | None = None) -> str:
             if check.status in (Status.PASSED, Status.XFAIL):
                 continue
             level = {Status.FAILED: "error", Status.ERROR: "error", Status.XPASS: "warning"}.get(check.status, "notice")
-            line = case.line if check.name == "forward" else (case.backward_line or case.line)
+            line = case.line if check.name in FORWARD_CHECKS else (case.backward_line or case.line)
             lines.append(_command(level, case, line, f"gradverify: {label} {check.name} {check.status.value}",
                                   _message(check), workspace))
     lines.append(footer(report))

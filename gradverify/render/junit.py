@@ -19,6 +19,10 @@ from gradverify.report import CaseResult, CheckResult, Report, Status, format_in
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 
 
+# Checks about forward itself: point at the class, not at backward.
+FORWARD_CHECKS = ("forward", "inplace", "case")
+
+
 def _clean(text: str) -> str:
     return _INVALID_XML.sub("", text)
 
@@ -50,7 +54,7 @@ def check_body(case: CaseResult, check: CheckResult, max_entries: int | None = N
     if shown:
         lines.append("entry | expected | got | |err|")
         for m in shown:
-            entry = f"d{format_index(m.output, m.out_index)} / d{format_index(m.input, m.in_index)}"
+            entry = f"∂{format_index(m.output, m.out_index)} / ∂{format_index(m.input, m.in_index)}"
             lines.append(f"{entry} | {m.expected:.6g} | {m.got:.6g} | {m.abs_err:.4g}")
         rest = check.mismatch_count - len(shown)
         if rest > 0:
@@ -109,7 +113,7 @@ def render_junit(report: Report, *, max_entries: int | None = None, suite_name: 
             if seen[key] > 1:
                 name = f"{name} #{seen[key]}"
             attrs = {"classname": classname, "name": _clean(name), "file": _clean(case.file)}
-            line = case.backward_line if check_name not in ("forward", "case") and case.backward_line else case.line
+            line = case.line if check_name in FORWARD_CHECKS else (case.backward_line or case.line)
             if line:
                 attrs["line"] = str(line)
             element = ET.SubElement(suite, "testcase", attrs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradverify.errors import SpecError
+from gradverify.errors import NoFunctionError, SpecError
 from gradverify.spec.model import CaseDecl, InputSpec, OpSpec
 
 SPEC_SUFFIXES = (".py", ".yaml", ".yml")
@@ -40,4 +40,38 @@ def load_spec(path: Path) -> list[OpSpec]:
     raise SpecError("expected a Python (.py) or YAML (.yaml/.yml) spec", file=str(path))
 
 
-__all__ = ["CaseDecl", "InputSpec", "OpSpec", "load_spec", "spec_files", "SPEC_SUFFIXES"]
+def load_path(path: Path) -> list[tuple[Path, list[OpSpec]]]:
+    """The ops of a spec file, or of every spec in a folder, file by file in sorted order.
+
+    Folder mode is lenient where a single file is not: a .py that defines no autograd
+    Function is a helper module and is skipped, and so is a .py that a YAML spec in the same
+    folder names as its op's file (the YAML is its spec; checking it with default shapes
+    would be wrong). Every other error still stops the run with exit 2.
+    """
+    files = spec_files(path)
+    if not path.is_dir():
+        return [(files[0], load_spec(files[0]))]
+    from gradverify.spec.yaml_spec import python_files_used
+
+    loaded: dict[Path, list[OpSpec]] = {}
+    used: set[Path] = set()
+    for file in files:
+        if file.suffix in (".yaml", ".yml"):
+            loaded[file] = load_spec(file)
+            used |= python_files_used(loaded[file])
+    result: list[tuple[Path, list[OpSpec]]] = []
+    for file in files:
+        if file.suffix == ".py":
+            if file.resolve() in used:
+                continue
+            try:
+                loaded[file] = load_spec(file)
+            except NoFunctionError:
+                continue  # a helper module, not a spec
+        result.append((file, loaded[file]))
+    if not result:
+        raise SpecError("folder holds no spec: its .py files define no autograd Function", file=str(path))
+    return result
+
+
+__all__ = ["CaseDecl", "InputSpec", "OpSpec", "load_path", "load_spec", "spec_files", "SPEC_SUFFIXES"]

@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from gradverify.declare import DECLARATION_ATTR, Declaration, TensorArg
-from gradverify.errors import SpecError
+from gradverify.errors import NoFunctionError, SpecError
 from gradverify.spec.model import CaseDecl, InputSpec, OpSpec
 
 
@@ -149,6 +149,19 @@ def _line_of(obj: Any) -> int | None:
         return None
 
 
+def _def_line(func: Any) -> int | None:
+    """The line of `def name(...)` itself, below any decorators (where an annotation belongs)."""
+    func = inspect.unwrap(func)
+    try:
+        lines, start = inspect.getsourcelines(func)
+    except (OSError, TypeError):
+        return None
+    for offset, text in enumerate(lines):
+        if text.lstrip().startswith(("def ", "async def ")):
+            return start + offset
+    return start
+
+
 def _declared_case(declaration: Declaration, params: tuple[InputSpec, ...], op_name: str,
                    file: str) -> CaseDecl:
     assert declaration.inputs is not None
@@ -198,7 +211,7 @@ def op_from_function(function: type, file: str) -> OpSpec:
         if d.inputs is not None
     )
     backward = function.__dict__.get("backward")
-    backward_line = _line_of(getattr(backward, "__func__", backward)) if backward else None
+    backward_line = _def_line(getattr(backward, "__func__", backward)) if backward else None
     return OpSpec(
         name=function.__name__,
         function=function,
@@ -231,7 +244,7 @@ def load_python_spec(path: Path) -> list[OpSpec]:
             op = op_from_function(obj, display)
             found.append((op.line or 0, op))
     if not found:
-        raise SpecError(
+        raise NoFunctionError(
             "no torch.autograd.Function subclass is defined in this file "
             "(Functions it only imports are not checked)",
             file=display,

@@ -1,0 +1,1 @@
+"""Commands besides `check`: `list` (what a check would run) and `init` (a starter spec)."""

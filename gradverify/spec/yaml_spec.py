@@ -1,0 +1,638 @@
+"""Load a YAML spec: ops named by import path or file, inputs with named dims, cases, sweeps.
+
+A YAML spec never runs code other than importing the op (and reference) it names: it is read
+with a SafeLoader subclass (no object construction), duplicate and unknown keys are errors,
+and every error is one line `file:line:col: path.to.key: expected ..., found ...` (exit 2).
+The format is documented in docs/yaml.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import keyword
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping, NoReturn, Sequence
+
+import yaml
+from yaml.nodes import MappingNode, SequenceNode
+
+from gradverify.config import DTYPES, parse_dtype
+from gradverify.errors import SpecError, UsageError
+from gradverify.spec.model import CHECK_NAMES, CaseDecl, InputSpec, OpSpec
+
+OP_KEYS: tuple[str, ...] = ("function", "name", "inputs", "cases", "dtypes", "devices", "seed", "atol",
+                            "rtol", "tolerances", "checks", "reference", "surrogate", "expect_failure")
+TENSOR_KEYS: tuple[str, ...] = ("shape", "domain", "requires_grad")
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+DIM_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+SizeOrDim = int | str
+
+
+# --- safe loading with marks -------------------------------------------------------------
+
+class MarkedDict(dict):  # type: ignore[type-arg]
+    """A YAML mapping that remembers where it, each key and each value started."""
+
+    mark: yaml.Mark
+    key_marks: dict[Any, yaml.Mark]
+    value_marks: dict[Any, yaml.Mark]
+
+
+class MarkedList(list):  # type: ignore[type-arg]
+    """A YAML sequence that remembers where it and each item started."""
+
+    mark: yaml.Mark
+    item_marks: list[yaml.Mark]
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, mark: yaml.Mark, first: yaml.Mark) -> None:
+        super().__init__(key)
+        self.key, self.mark, self.first = key, mark, first
+
+
+class SpecLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and keeps line/column marks on every container."""
+
+
+def _construct_mapping(loader: SpecLoader, node: MappingNode) -> MarkedDict:
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "found an unhashable key",
+                                                    key_node.start_mark) from None
+        if first is not None:
+            raise _DuplicateKey(key, key_node.start_mark, first)
+        seen[key] = key_node.start_mark
+    loader.flatten_mapping(node)  # `<<: *anchor` merges; the mapping's own keys win
+    data = MarkedDict()
+    data.mark, data.key_marks, data.value_marks = node.start_mark, {}, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        data[key] = loader.construct_object(value_node, deep=True)
+        data.key_marks[key] = key_node.start_mark
+        data.value_marks[key] = value_node.start_mark
+    return data
+
+
+def _construct_sequence(loader: SpecLoader, node: SequenceNode) -> MarkedList:
+    data = MarkedList(loader.construct_object(child, deep=True) for child in node.value)
+    data.mark = node.start_mark
+    data.item_marks = [child.start_mark for child in node.value]
+    return data
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+SpecLoader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
+
+
+def _where(mark: yaml.Mark) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse `path` safely: plain data with marks, or SpecError pointing at the problem."""
+    display = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read: {exc.strerror}", file=display) from None
+    try:
+        return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
+    except _DuplicateKey as exc:
+        line, col = _where(exc.mark)
+        raise SpecError(f"{exc.key}: expected each key once in a mapping, found {exc.key!r} again "
+                        f"(first at line {exc.first.line + 1})", file=display, line=line, col=col) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = _where(mark) if mark is not None else (None, None)
+        found = exc.problem or "invalid YAML"
+        if exc.context:
+            found += f" ({exc.context})"
+        raise SpecError(f"yaml: expected valid YAML (plain data only), found {found}",
+                        file=display, line=line, col=col) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"yaml: expected valid YAML, found {exc}", file=display) from None
+
+
+def describe(value: Any) -> str:
+    """How an error message names a YAML value it did not expect."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value:g}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+# --- named dims ----------------------------------------------------------------------------
+
+class DimError(ValueError):
+    """A case cannot bind the named dims: `key` is the case key (or input) at fault, if any."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def dims_of(shapes: Mapping[str, Sequence[SizeOrDim] | None]) -> list[str]:
+    """Named dims in the order inputs first use them."""
+    found: list[str] = []
+    for shape in shapes.values():
+        for size in shape or ():
+            if isinstance(size, str) and size not in found:
+                found.append(size)
+    return found
+
+
+def bind_dims(shapes: Mapping[str, Sequence[SizeOrDim] | None], sizes: Mapping[str, int],
+              concrete: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...] | None]:
+    """Concrete shapes for one case.
+
+    shapes: each input's shape, sizes or dim names ([M, K]); None = no shape given.
+    sizes: the case's dim bindings ({M: 2, K: 3}).
+    concrete: shapes the case gives for whole inputs ({a: [2, 3]}); they bind their dims too,
+    and every way a dim is bound must agree (else 'conflicting sizes').
+    """
+    known = dims_of(shapes)
+    bound: dict[str, tuple[int, str]] = {}
+    for dim, size in sizes.items():
+        if dim not in known:
+            raise DimError(f"expected a named dim used by an input shape ({', '.join(known) or 'none'}), "
+                           f"found {dim!r}", key=dim)
+        bound[dim] = (size, f"{dim}: {size}")
+    for name, given in (concrete or {}).items():
+        template = shapes.get(name)
+        if template is None:
+            continue
+        if len(given) != len(template):
+            raise DimError(f"expected a shape of {len(template)} dims like {_show(template)}, found "
+                           f"{list(given)}", key=name)
+        for axis, (want, size) in enumerate(zip(template, given)):
+            if isinstance(want, int):
+                if want != size:
+                    raise DimError(f"expected size {want} at dim {axis} of {name} ({_show(template)}), "
+                                   f"found {size}", key=name)
+                continue
+            if want in bound and bound[want][0] != size:
+                raise DimError(f"expected one size for dim {want!r}, found conflicting sizes "
+                               f"{bound[want][0]} ({bound[want][1]}) and {size} ({name}: {list(given)})",
+                               key=name)
+            bound.setdefault(want, (size, f"{name}: {list(given)}"))
+    resolved: dict[str, tuple[int, ...] | None] = {}
+    for name, template in shapes.items():
+        if name in (concrete or {}):
+            resolved[name] = tuple(concrete[name])  # type: ignore[index]
+            continue
+        if template is None:
+            resolved[name] = None
+            continue
+        out: list[int] = []
+        for size in template:
+            if isinstance(size, str):
+                if size not in bound:
+                    raise DimError(f"expected a size for every named dim of {name} {_show(template)}, "
+                                   f"found dim {size!r} unbound")
+                out.append(bound[size][0])
+            else:
+                out.append(size)
+        resolved[name] = tuple(out)
+    return resolved
+
+
+def _show(shape: Sequence[SizeOrDim]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+# --- validation ----------------------------------------------------------------------------
+
+class _Reader:
+    """Validates one YAML spec's data, raising SpecError at the offending line and column."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.display = str(path)
+        self.folder = path.resolve().parent
+        self.modules: dict[Path, ModuleType] = {}
+
+    def fail(self, mark: yaml.Mark | None, path: str, expected: str, found: str) -> NoReturn:
+        line, col = _where(mark) if mark is not None else (None, None)
+        raise SpecError(f"{path}: expected {expected}, found {found}", file=self.display, line=line, col=col)
+
+    # shape-checking helpers: each takes the container, the key and the path of the value
+    def mapping(self, value: Any, mark: yaml.Mark | None, path: str, expected: str) -> MarkedDict:
+        if not isinstance(value, MarkedDict):
+            self.fail(mark, path, expected, describe(value))
+        for key in value:
+            if not isinstance(key, str):
+                self.fail(value.key_marks[key], path, f"keys that are names in {expected}", describe(key))
+        return value
+
+    def keys(self, data: MarkedDict, allowed: Sequence[str], path: str) -> None:
+        for key in data:
+            if key not in allowed:
+                self.fail(data.key_marks[key], _join(path, key), f"one of {', '.join(allowed)}",
+                          f"unknown key {key!r}")
+
+    def string(self, data: MarkedDict, key: str, path: str, expected: str = "a string") -> str:
+        value = data[key]
+        if not isinstance(value, str) or not value.strip():
+            self.fail(data.value_marks[key], _join(path, key), expected, describe(value))
+        return value.strip()
+
+    def number(self, value: Any, mark: yaml.Mark, path: str) -> float:
+        # PyYAML reads `1e-8` (no dot) as a string: accept numeric strings too.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+            self.fail(mark, path, "a non-negative number", describe(value))
+        return float(value)
+
+    def string_list(self, data: MarkedDict, key: str, path: str) -> list[tuple[str, yaml.Mark]]:
+        value = data[key]
+        if isinstance(value, str):
+            return [(value, data.value_marks[key])]
+        if not isinstance(value, MarkedList) or not value:
+            self.fail(data.value_marks[key], _join(path, key), "a non-empty list of strings", describe(value))
+        items = []
+        for k, item in enumerate(value):
+            if not isinstance(item, str):
+                self.fail(value.item_marks[k], f"{_join(path, key)}[{k}]", "a string", describe(item))
+            items.append((item, value.item_marks[k]))
+        return items
+
+    # the spec
+    def read(self, data: Any) -> list[OpSpec]:
+        if data is None:
+            raise SpecError("top level: expected a mapping with 'function' (one op) or 'ops' (a list of ops), "
+                            "found an empty file", file=self.display, line=1, col=1)
+        top = self.mapping(data, getattr(data, "mark", None), "top level",
+                           "a mapping with 'function' (one op) or 'ops' (a list of ops)")
+        if "ops" in top:
+            self.keys(top, ("ops",), "")
+            ops = top["ops"]
+            if not isinstance(ops, MarkedList) or not ops:
+                self.fail(top.value_marks["ops"], "ops", "a non-empty list of ops", describe(ops))
+            return [self.op(self.mapping(item, ops.item_marks[k], f"ops[{k}]", "a mapping describing one op"),
+                            f"ops[{k}]") for k, item in enumerate(ops)]
+        self.keys(top, (*OP_KEYS, "ops"), "")
+        return [self.op(top, "")]
+
+    def op(self, data: MarkedDict, path: str) -> OpSpec:
+        self.keys(data, OP_KEYS, path)
+        if "function" not in data:
+            self.fail(data.mark, _join(path, "function"),
+                      "the op's Function as 'module.path:Class' or 'file.py:Class'", "no 'function' key")
+        function = self.function(data, path)
+        from gradverify.spec.python import op_from_function
+
+        try:
+            op = op_from_function(function, self.display)
+        except SpecError as exc:
+            self.fail(data.value_marks["function"], _join(path, "function"), "a Function with a readable forward",
+                      exc.message)
+        changes: dict[str, Any] = {"file": self.display, "line": data.mark.line + 1}
+        if "name" in data:
+            changes["name"] = self.string(data, "name", path)
+        if "inputs" in data:
+            changes["declared"] = self.inputs_and_cases(data, path, op)
+        elif "cases" in data:
+            self.fail(data.key_marks["cases"], _join(path, "cases"), "'inputs' with named dims for cases to bind",
+                      "cases without inputs")
+        if "dtypes" in data:
+            dtypes = []
+            for k, (text, mark) in enumerate(self.string_list(data, "dtypes", path)):
+                try:
+                    dtypes.append(parse_dtype(text))
+                except UsageError:
+                    self.fail(mark, f"{_join(path, 'dtypes')}[{k}]", f"one of {', '.join(DTYPES)}", repr(text))
+            changes["dtypes"] = tuple(dict.fromkeys(dtypes))
+        if "devices" in data:
+            devices = []
+            for k, (text, mark) in enumerate(self.string_list(data, "devices", path)):
+                if not DEVICE_PATTERN.match(text.strip()):
+                    self.fail(mark, f"{_join(path, 'devices')}[{k}]", "cpu, cuda, cuda:N or mps", repr(text))
+                devices.append(text.strip())
+            changes["devices"] = tuple(dict.fromkeys(devices))
+        if "seed" in data:
+            seed = data["seed"]
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                self.fail(data.value_marks["seed"], _join(path, "seed"), "a non-negative integer", describe(seed))
+            changes["seed"] = seed
+        for key in ("atol", "rtol"):
+            if key in data:
+                changes[key] = self.number(data[key], data.value_marks[key], _join(path, key))
+        if "tolerances" in data:
+            changes["dtype_tolerances"] = self.tolerances(data, path)
+        if "checks" in data:
+            checks = []
+            for k, (text, mark) in enumerate(self.string_list(data, "checks", path)):
+                if text not in CHECK_NAMES:
+                    self.fail(mark, f"{_join(path, 'checks')}[{k}]", f"one of {', '.join(CHECK_NAMES)}", repr(text))
+                checks.append(text)
+            changes["checks"] = tuple(dict.fromkeys(["jacobian", *checks]))
+        if "reference" in data:
+            changes["reference"] = self.reference(data, path)
+        if "surrogate" in data and "expect_failure" in data:
+            self.fail(data.key_marks["expect_failure"], _join(path, "expect_failure"),
+                      "at most one of surrogate and expect_failure", "both")
+        if "surrogate" in data:
+            value = data["surrogate"]
+            if value is True:
+                changes["surrogate"] = "declared a surrogate gradient"
+            elif value is False:
+                changes["surrogate"] = None
+            elif isinstance(value, str) and value.strip():
+                changes["surrogate"] = value.strip()
+            else:
+                self.fail(data.value_marks["surrogate"], _join(path, "surrogate"),
+                          "true or a string saying why the backward is not the derivative", describe(value))
+        if "expect_failure" in data:
+            changes["expect_failure"] = self.string(
+                data, "expect_failure", path, "a string naming the known bug")
+        return dataclasses.replace(op, **changes)
+
+    def resolve(self, data: MarkedDict, key: str, path: str) -> Any:
+        """`module.path:attr` (imported) or `file.py:attr` (relative to this YAML file)."""
+        text = self.string(data, key, path, "'module.path:Name' or 'file.py:Name'")
+        mark = data.value_marks[key]
+        where, sep, attr = text.rpartition(":")
+        if not sep or not where or not attr:
+            self.fail(mark, _join(path, key), "'module.path:Name' or 'file.py:Name'", repr(text))
+        if where.endswith(".py") or "/" in where or os.sep in where:
+            file = (self.folder / where).resolve()
+            if not file.is_file():
+                self.fail(mark, _join(path, key), f"a Python file relative to {self.display}",
+                          f"no file {str(file)!r}")
+            if file not in self.modules:
+                from gradverify.spec.python import import_spec_module
+
+                self.modules[file] = import_spec_module(file)
+            module = self.modules[file]
+        else:
+            if not all(part.isidentifier() for part in where.split(".")):
+                self.fail(mark, _join(path, key), "a dotted module path like 'mypkg.ops'", repr(where))
+            module = self.import_module(where, mark, _join(path, key))
+        obj: Any = module
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                names = sorted(n for n in vars(module) if not n.startswith("_"))
+                self.fail(mark, _join(path, key), f"a name defined in {where} ({', '.join(names[:8])}"
+                          f"{', ...' if len(names) > 8 else ''})", f"no {attr!r}")
+            obj = getattr(obj, part)
+        return obj
+
+    def import_module(self, name: str, mark: yaml.Mark, path: str) -> ModuleType:
+        """Import `name` with this YAML's folder and the working directory importable."""
+        extra = [str(self.folder), os.getcwd()]
+        added = [p for p in extra if p not in sys.path]
+        sys.path[:0] = added
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            self.fail(mark, path, f"an importable module {name!r}", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the module's own code raised while importing
+            from gradverify.spec.python import user_frame
+
+            file, line = user_frame(exc)
+            at = f" at {file}:{line}" if file else ""
+            self.fail(mark, path, f"module {name!r} to import cleanly",
+                      f"{type(exc).__name__}: {exc}{at}")
+        finally:
+            for p in added:
+                try:
+                    sys.path.remove(p)
+                except ValueError:
+                    pass
+
+    def function(self, data: MarkedDict, path: str) -> type:
+        import torch
+
+        obj = self.resolve(data, "function", path)
+        if not (inspect.isclass(obj) and issubclass(obj, torch.autograd.Function)):
+            self.fail(data.value_marks["function"], _join(path, "function"),
+                      "a torch.autograd.Function subclass", describe(obj) if not callable(obj)
+                      else f"{getattr(obj, '__name__', type(obj).__name__)} (not a Function subclass)")
+        return obj
+
+    def reference(self, data: MarkedDict, path: str) -> Any:
+        obj = self.resolve(data, "reference", path)
+        if not callable(obj):
+            self.fail(data.value_marks["reference"], _join(path, "reference"), "a callable", describe(obj))
+        return obj
+
+    def tolerances(self, data: MarkedDict, path: str) -> tuple[tuple[str, float | None, float | None], ...]:
+        base = _join(path, "tolerances")
+        table = self.mapping(data["tolerances"], data.value_marks["tolerances"], base,
+                             "a mapping of dtype to {atol, rtol}")
+        rows = []
+        for dtype, tol in table.items():
+            if dtype not in DTYPES:
+                self.fail(table.key_marks[dtype], f"{base}.{dtype}", f"a dtype ({', '.join(DTYPES)})", repr(dtype))
+            tol = self.mapping(tol, table.value_marks[dtype], f"{base}.{dtype}", "a mapping with atol and/or rtol")
+            self.keys(tol, ("atol", "rtol"), f"{base}.{dtype}")
+            if not tol:
+                self.fail(table.value_marks[dtype], f"{base}.{dtype}", "atol and/or rtol", "an empty mapping")
+            atol = self.number(tol["atol"], tol.value_marks["atol"], f"{base}.{dtype}.atol") if "atol" in tol else None
+            rtol = self.number(tol["rtol"], tol.value_marks["rtol"], f"{base}.{dtype}.rtol") if "rtol" in tol else None
+            rows.append((dtype, atol, rtol))
+        return tuple(rows)
+
+    def inputs_and_cases(self, data: MarkedDict, path: str, op: OpSpec) -> tuple[CaseDecl, ...]:
+        base = _join(path, "inputs")
+        inputs = self.mapping(data["inputs"], data.value_marks["inputs"], base,
+                              "a mapping of forward's parameter names to inputs")
+        params = {p.name: p for p in op.params}
+        varargs = any(p.kind is p.VAR_POSITIONAL for p in _signature_params(op.function))
+        for name in inputs:
+            if name not in params and not varargs:
+                self.fail(inputs.key_marks[name], f"{base}.{name}",
+                          f"a parameter of {op.function.__name__}.forward ({', '.join(params) or 'none'})",
+                          repr(name))
+        missing = [p.name for p in op.params if p.name not in inputs and not p.optional and not p.has_value]
+        if missing:
+            self.fail(inputs.mark, base, f"an entry for every forward parameter without a default "
+                      f"({', '.join(p.name for p in op.params if not p.optional and not p.has_value)})",
+                      f"no {missing[0]!r}")
+        templates: dict[str, InputSpec] = {}
+        shapes: dict[str, list[SizeOrDim] | None] = {}
+        dim_marks: dict[str, tuple[yaml.Mark, str]] = {}
+        order = [p.name for p in op.params if p.name in inputs] + [n for n in inputs if n not in params]
+        for name in order:
+            value, mark, where = inputs[name], inputs.value_marks[name], f"{base}.{name}"
+            if isinstance(value, MarkedDict) and ("value" in value and len(value) == 1):
+                templates[name] = InputSpec(name=name, is_tensor=False, value=_plain(value["value"]),
+                                            has_value=True)
+                continue
+            if not isinstance(value, MarkedDict):
+                templates[name] = InputSpec(name=name, is_tensor=False, value=_plain(value), has_value=True)
+                continue
+            if "value" in value:
+                self.fail(value.key_marks["value"], f"{where}.value",
+                          "either a tensor {shape, domain, requires_grad} or {value: ...}", "value mixed with "
+                          "tensor keys")
+            self.mapping(value, mark, where, "a tensor {shape, domain, requires_grad}")
+            self.keys(value, TENSOR_KEYS, where)
+            shape: list[SizeOrDim] | None = None
+            if "shape" in value:
+                shape = self.shape(value, where, dim_marks, inputs)
+            domain = None
+            if "domain" in value:
+                from gradverify.cases import DOMAINS
+
+                domain = value["domain"]
+                if not isinstance(domain, str) or domain not in DOMAINS:
+                    self.fail(value.value_marks["domain"], f"{where}.domain", f"one of {', '.join(DOMAINS)}",
+                              describe(domain))
+            requires_grad = True
+            if "requires_grad" in value:
+                requires_grad = value["requires_grad"]
+                if not isinstance(requires_grad, bool):
+                    self.fail(value.value_marks["requires_grad"], f"{where}.requires_grad", "true or false",
+                              describe(requires_grad))
+            shapes[name] = shape
+            templates[name] = InputSpec(name=name, domain=domain, requires_grad=requires_grad)
+        for p in op.params:  # parameters with defaults the spec leaves out
+            if p.name not in templates:
+                templates[p.name] = (InputSpec(name=p.name, is_tensor=False, value=None, has_value=True)
+                                     if p.optional else p)
+        ordered = [templates[p.name] for p in op.params] + [templates[n] for n in order if n not in params]
+        return self.cases(data, path, ordered, shapes, dim_marks)
+
+    def shape(self, tensor: MarkedDict, where: str, dim_marks: dict[str, tuple[yaml.Mark, str]],
+              inputs: MarkedDict) -> list[SizeOrDim]:
+        value = tensor["shape"]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value_list: list[Any] = [value]
+            marks = [tensor.value_marks["shape"]]
+        elif isinstance(value, MarkedList):
+            value_list, marks = list(value), value.item_marks
+        else:
+            self.fail(tensor.value_marks["shape"], f"{where}.shape",
+                      "a list of sizes and named dims like [N, 3]", describe(value))
+        out: list[SizeOrDim] = []
+        for k, (size, mark) in enumerate(zip(value_list, marks)):
+            if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+                out.append(size)
+            elif isinstance(size, str) and DIM_PATTERN.match(size) and not keyword.iskeyword(size):
+                if size in inputs:
+                    self.fail(mark, f"{where}.shape[{k}]", "a dim name that is not also an input's name",
+                              repr(size))
+                dim_marks.setdefault(size, (mark, f"{where}.shape[{k}]"))
+                out.append(size)
+            else:
+                self.fail(mark, f"{where}.shape[{k}]", "a non-negative size or a dim name like N", describe(size))
+        return out
+
+    def cases(self, data: MarkedDict, path: str, templates: list[InputSpec],
+              shapes: dict[str, list[SizeOrDim] | None], dim_marks: dict[str, tuple[yaml.Mark, str]]
+              ) -> tuple[CaseDecl, ...]:
+        dims = dims_of(shapes)
+        base = _join(path, "cases")
+        if "cases" not in data:
+            if dims:
+                mark, where = dim_marks[dims[0]]
+                self.fail(mark, where, f"a size for dim {dims[0]!r} from 'cases' (e.g. cases: [{{{dims[0]}: 3}}])",
+                          "no cases")
+            return (self.case(templates, bind_dims(shapes, {}), ""),)
+        cases = data["cases"]
+        if not isinstance(cases, MarkedList) or not cases:
+            self.fail(data.value_marks["cases"], base, f"a non-empty list of dim bindings like "
+                      f"{{{', '.join(f'{d}: 3' for d in dims) or 'N: 3'}}}", describe(cases))
+        decls = []
+        for k, entry in enumerate(cases):
+            where = f"{base}[{k}]"
+            entry = self.mapping(entry, cases.item_marks[k], where,
+                                 "a mapping of dim names to sizes (or input names to shapes)")
+            sizes: dict[str, int] = {}
+            concrete: dict[str, list[int]] = {}
+            for key, value in entry.items():
+                if key in shapes:
+                    if not (isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool)
+                                                           and n >= 0 for n in value)):
+                        self.fail(entry.value_marks[key], f"{where}.{key}", "a concrete shape like [2, 3]",
+                                  describe(value))
+                    concrete[key] = list(value)
+                elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    sizes[key] = value
+                else:
+                    self.fail(entry.value_marks[key], f"{where}.{key}", "a non-negative size", describe(value))
+            try:
+                resolved = bind_dims(shapes, sizes, concrete)
+            except DimError as exc:
+                mark = entry.key_marks.get(exc.key, entry.mark) if exc.key is not None else entry.mark
+                at = f"{where}.{exc.key}" if exc.key is not None else where
+                text = str(exc)
+                expected, _, found = text.removeprefix("expected ").partition(", found ")
+                self.fail(mark, at, expected, found)
+            label = ", ".join(f"{key}={value}" for key, value in entry.items()
+                              if not isinstance(value, list)) or f"case {k}"
+            decls.append(self.case(templates, resolved, label))
+        return tuple(decls)
+
+    @staticmethod
+    def case(templates: list[InputSpec], shapes: Mapping[str, tuple[int, ...] | None], label: str) -> CaseDecl:
+        inputs = tuple(dataclasses.replace(t, shape=shapes.get(t.name)) if t.is_tensor else t for t in templates)
+        return CaseDecl(inputs=inputs, label=label)
+
+
+def _signature_params(function: type) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(function.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _plain(value: Any) -> Any:
+    """A non-tensor argument as plain dicts and lists, without the YAML marks."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def load_yaml_spec(path: Path) -> list[OpSpec]:
+    """The ops a YAML spec describes, each with its cases, dtypes, devices and tolerances."""
+    if not path.exists():
+        raise SpecError("file not found", file=str(path))
+    return _Reader(path).read(read_yaml(path))
+
+
+def python_files_used(ops: Sequence[OpSpec]) -> set[Path]:
+    """The Python files YAML ops come from (so a folder scan does not check them on their own)."""
+    found: set[Path] = set()
+    for op in ops:
+        try:
+            found.add(Path(inspect.getfile(op.function)).resolve())
+        except (TypeError, OSError):
+            continue
+    return found

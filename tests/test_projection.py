@@ -1,0 +1,85 @@
+"""Projected mode: finds injected wrong entries, names them, and passes correct backwards."""
+
+from __future__ import annotations
+
+import torch
+
+import gradverify
+
+
+def _linear(n: int, row: int, col: int, error: float) -> type:
+    weight = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wrong = weight.clone()
+    wrong[row, col] += error
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+            return x @ weight.T
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+            return g @ wrong
+
+    return Linear
+
+
+class SoftmaxDiagonal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        y = torch.softmax(x, -1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        (y,) = ctx.saved_tensors
+        return g * y * (1 - y)
+
+
+def _jacobian(report: gradverify.Report):  # type: ignore[no-untyped-def]
+    return next(c for c in report.cases[0].checks if c.name == "jacobian")
+
+
+def test_fast_mode_localises_one_wrong_entry() -> None:
+    fn = _linear(64, 17, 41, 1.0)
+    report = gradverify.verify(fn, torch.randn(64, dtype=torch.float64), mode="fast", gradcheck="off")
+    check = _jacobian(report)
+    assert not report.ok
+    assert [(m.out_index, m.in_index) for m in check.mismatches] == [((17,), (41,))]
+    assert abs(check.mismatches[0].got - check.mismatches[0].expected - 1.0) < 1e-9
+    assert dict(check.details)["mode"].startswith("fast")
+    assert "detected with probability" in dict(check.details)["guarantee"]
+
+
+def test_fast_mode_finds_a_small_error_gradcheck_fast_tolerates() -> None:
+    fn = _linear(64, 3, 60, 1e-4)  # well above the stated smallest detectable error
+    check = _jacobian(gradverify.verify(fn, torch.randn(64, dtype=torch.float64), mode="fast", gradcheck="off"))
+    assert [(m.out_index, m.in_index) for m in check.mismatches] == [((3,), (60,))]
+
+
+def test_fast_mode_passes_a_correct_backward() -> None:
+    fn = _linear(64, 0, 0, 0.0)
+    report = gradverify.verify(fn, torch.randn(64, dtype=torch.float64), mode="fast", gradcheck="off")
+    assert report.ok and "random projections" in _jacobian(report).message
+
+
+def test_fast_mode_catches_missing_softmax_offdiagonal() -> None:
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    check = _jacobian(gradverify.verify(SoftmaxDiagonal, x, mode="fast", gradcheck="off"))
+    assert check.mismatch_count > 0
+    for m in check.mismatches:  # every named entry is an off-diagonal one within a row
+        assert m.out_index[0] == m.in_index[0] and m.out_index[1] != m.in_index[1] and m.got == 0.0
+    full = _jacobian(gradverify.verify(SoftmaxDiagonal, x, mode="full", gradcheck="off"))
+    named = {(m.out_index, m.in_index) for m in full.mismatches}
+    assert {(m.out_index, m.in_index) for m in check.mismatches} <= named
+
+
+def test_auto_mode_uses_projections_past_the_size_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import gradverify.runner as runner
+
+    monkeypatch.setattr(runner, "AUTO_FULL_MAX_ENTRIES", 100)
+    fn = _linear(32, 5, 7, 0.5)
+    check = _jacobian(gradverify.verify(fn, torch.randn(32, dtype=torch.float64), gradcheck="off"))
+    assert dict(check.details)["mode"].startswith("fast")
+    assert [(m.out_index, m.in_index) for m in check.mismatches] == [((5,), (7,))]
