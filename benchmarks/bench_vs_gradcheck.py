@@ -11,9 +11,12 @@ What is timed:
 * gradcheck fast: the same with fast_mode=True.
 
 Memory: the peak resident set size of this whole process while the measurement runs, sampled
-every 2 ms from /proc/self/statm by a thread (so short spikes between samples can be missed),
+every 5 ms from /proc/self/statm by a thread (so short spikes between samples can be missed),
 after returning freed heap to the OS with malloc_trim so one measurement does not inherit the
 previous one's heap. "+MiB" is that peak minus the RSS just before the measurement.
+
+Timing: wall clock; a measurement under 2 s is repeated up to 3 times and the fastest kept (the
+machine may be shared), for both tools alike.
 """
 
 from __future__ import annotations
@@ -66,7 +69,26 @@ class Measurement:
     value: Any = None
 
 
+# The machine this runs on may be shared: a measurement shorter than this is repeated (up to
+# REPEATS times) and its fastest run kept, for gradverify and gradcheck alike.
+REPEAT_BELOW_S = 2.0
+REPEATS = 3
+
+
 def measure(fn: Callable[[], Any], verdict_of: Callable[[Any], str]) -> Measurement:
+    best = _measure_once(fn, verdict_of)
+    runs = 1
+    while best.seconds < REPEAT_BELOW_S and runs < REPEATS:
+        again = _measure_once(fn, verdict_of)
+        runs += 1
+        if again.seconds < best.seconds:
+            again.peak_mib = max(again.peak_mib, best.peak_mib)
+            again.delta_mib = max(again.delta_mib, best.delta_mib)
+            best = again
+    return best
+
+
+def _measure_once(fn: Callable[[], Any], verdict_of: Callable[[Any], str]) -> Measurement:
     trim()
     before = rss_bytes()
     peak = [before]
@@ -75,7 +97,7 @@ def measure(fn: Callable[[], Any], verdict_of: Callable[[Any], str]) -> Measurem
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.002)
+            time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

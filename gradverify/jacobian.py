@@ -67,11 +67,12 @@ class VjpJacobian:
 
 # Size target of one chunk of Jacobian rows (or finite-difference columns), counting one row of
 # the gradients and one of the grad_outputs. Small chunks stay in the CPU caches: measured on a
-# 2-core machine, a 32-row chunk of a 4,096- or 16,384-column Jacobian ran a batched backward in
-# ~2 ms, while 128 rows of 4,096 (4 MB) took ~40 ms and 512 rows of 16,384 took ~400 ms: past
-# the cache, every element-wise pass goes to memory and fresh allocations page-fault. Below
-# MIN_ROWS the per-call overhead (vmap setup, the autograd engine, Python) dominates instead.
-CHUNK_TARGET_BYTES = 4 * 2**20
+# 2-core machine, a 32-row chunk of a 16,384-column Jacobian ran a batched backward in ~2 ms,
+# while 512 rows took ~400 ms (past the cache every element-wise pass goes to memory and fresh
+# allocations page-fault). Below MIN_ROWS the per-call overhead (vmap setup, the autograd engine,
+# Python) dominates instead. Whole verify() at 4,096 elements over 1/2/4/8 MiB targets: 8 MiB
+# with 32 rows was fastest (0.18 s vs 0.23-0.39 s), within noise of 4 MiB.
+CHUNK_TARGET_BYTES = 8 * 2**20
 MIN_ROWS = 32
 
 # A chunk's temporaries: the grad_outputs, the gradients, and the autograd/vmap intermediates
