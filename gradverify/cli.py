@@ -41,7 +41,7 @@ def _root() -> None:
 @app.command()
 def check(
     paths: Optional[List[Path]] = typer.Argument(None, help="Spec files (.py, .yaml) or folders of specs "
-                                                 "(default: `paths` in [tool.gradverify]).", show_default=False),
+                                                 "(default: `paths` in \\[tool.gradverify]).", show_default=False),
     op: List[str] = typer.Option([], "--op", help="Check only this Function (repeatable)."),
     shape: List[str] = typer.Option([], "--shape", help="Shape of every tensor input ('2,3,3'), or one per "
                                     "input ('4,3;5,3;5'). Repeat to sweep."),
@@ -88,6 +88,10 @@ def check(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
 ) -> None:
     """Verify the backward of every autograd Function in the given spec files."""
+    if order not in (1, 2):
+        _fail(f"--order {order}: expected 1 (gradients) or 2 (also the double backward)", EXIT_USAGE)
+    if retries < 0:
+        _fail(f"--retries {retries}: expected 0 or more", EXIT_USAGE)
     # Precedence: these flags > GRADVERIFY_* variables > [tool.gradverify] in pyproject.toml > defaults.
     settings = _resolve_or_exit({
         "shapes": shape, "dtypes": dtype, "devices": device, "seed": seed, "domain": domain, "atol": atol,
@@ -331,7 +335,7 @@ def _emit(report, fmt: str, full: bool, outputs: list[tuple[str, Path]], max_ent
 @app.command("list")
 def list_command(
     paths: Optional[List[Path]] = typer.Argument(None, help="Spec files or folders (default: `paths` in "
-                                                 "[tool.gradverify]).", show_default=False),
+                                                 "\\[tool.gradverify]).", show_default=False),
     op: List[str] = typer.Option([], "--op", help="Only this Function (repeatable)."),
     shape: List[str] = typer.Option([], "--shape", help="As for check."),
     dtype: List[str] = typer.Option([], "--dtype", help="As for check."),
@@ -380,6 +384,11 @@ def init_command(
 
 def main() -> None:
     """Console-script entry point; `python -m gradverify` calls the same."""
+    import warnings
+
+    # torch without numpy installed warns at import; gradverify needs no numpy, and that line
+    # would be the first thing on stderr before every one-line error.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         app(prog_name="gradverify")
     except SystemExit as exc:

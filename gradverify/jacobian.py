@@ -166,7 +166,7 @@ def jacobian_by_vjp(
         for in_pos, leaf in leaves:
             stacked = torch.cat(rows[in_pos], dim=0) if rows[in_pos] else \
                 torch.zeros((0, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
-            blocks[(out_pos, in_pos)] = stacked.reshape(*out.shape, *leaf.shape).detach()
+            blocks[(out_pos, in_pos)] = stacked.reshape((*out.shape, *leaf.shape)).detach()
     return VjpJacobian(blocks=blocks, path=path if outputs else "none", fallback_reason=reason)
 
 
@@ -360,7 +360,7 @@ class VjpSource:
         step = self.rows_per_chunk(o)
         parts = [self.rows(o, s, min(m, s + step))[p] for s in range(0, m, step)]
         flat = torch.cat(parts) if parts else torch.zeros((0, leaf.numel()), dtype=leaf.dtype)
-        return flat.reshape(*out.shape, *leaf.shape).detach()
+        return flat.reshape((*out.shape, *leaf.shape)).detach()
 
     def jvp(self, directions: dict[int, torch.Tensor]) -> dict[int, torch.Tensor] | None:
         """J v for every output without forming J: u -> J^T u is linear in u, so the VJP of that

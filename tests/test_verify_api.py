@@ -175,3 +175,77 @@ def test_declared_surrogate_is_reported_as_expected_not_as_failure() -> None:
         delattr(Surrogate, "__gradverify_checks__")
     undeclared = gradverify.verify(Surrogate, torch.randn(5, dtype=torch.float64))
     assert not undeclared.ok
+
+
+class SumOfSquares(torch.autograd.Function):
+    """A 0-d output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x * x).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class MaxWithIndex(torch.autograd.Function):
+    """A differentiable and an integer (non-differentiable) output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        values, index = x.max(-1)
+        ctx.save_for_backward(x, index)
+        ctx.mark_non_differentiable(index)
+        return values, index
+
+    @staticmethod
+    def backward(ctx, g_values, g_index):
+        x, index = ctx.saved_tensors
+        out = torch.zeros_like(x)
+        out.scatter_(-1, index.unsqueeze(-1), g_values.unsqueeze(-1))
+        return out
+
+
+class SinAndPower(torch.autograd.Function):
+    """Two outputs and a non-tensor argument."""
+
+    @staticmethod
+    def forward(ctx, x, k=2):
+        ctx.save_for_backward(x)
+        ctx.k = k
+        return x.sin(), x**k
+
+    @staticmethod
+    def backward(ctx, g_sin, g_pow):
+        (x,) = ctx.saved_tensors
+        return g_sin * x.cos() + g_pow * ctx.k * x ** (ctx.k - 1), None
+
+
+class Exp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.exp()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * x.exp()
+
+
+def test_scalar_outputs_integer_outputs_several_outputs_and_empty_inputs() -> None:
+    double = torch.float64
+    cases = [(SumOfSquares, (torch.randn(3, dtype=double),)),
+             (MaxWithIndex, (torch.randn(2, 4, dtype=double),)),
+             (SinAndPower, (torch.randn(3, dtype=double), 3)),
+             (Exp, (torch.tensor(0.3, dtype=double),)),
+             (Exp, (torch.randn(0, 3, dtype=double),))]
+    for function, inputs in cases:
+        report = gradverify.verify(function, *inputs)
+        assert report.ok, gradverify.explain(report)
+    two = gradverify.verify(SinAndPower, torch.randn(3, dtype=double), 3)
+    jac = next(c for c in two.cases[0].checks if c.name == "jacobian")
+    assert jac.total_entries == 2 * 3 * 3  # both outputs against x
