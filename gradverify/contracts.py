@@ -71,14 +71,19 @@ def _dims_to_reduce(grad_shape: tuple[int, ...], input_shape: tuple[int, ...]) -
     return dims
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float64 (complex128 for complex) copy: differences of low-precision values computed exactly."""
+    return t.to(torch.complex128) if t.is_complex() else t.double()
+
+
 def _linear_combination_error(a: Sequence[Any], b: Sequence[Any], c: Sequence[Any],
                               alpha: float, beta: float) -> float:
     worst = 0.0
     for ga, gb, gc in zip(a, b, c):
         if isinstance(ga, torch.Tensor) and isinstance(gb, torch.Tensor) and isinstance(gc, torch.Tensor):
-            expected = alpha * ga.double() + beta * gb.double()
+            expected = alpha * _wide(ga) + beta * _wide(gb)
             scale = max(1.0, float(expected.abs().max()) if expected.numel() else 1.0)
-            worst = max(worst, float((gc.double() - expected).abs().max() / scale) if gc.numel() else 0.0)
+            worst = max(worst, float((_wide(gc) - expected).abs().max() / scale) if gc.numel() else 0.0)
     return worst
 
 
@@ -196,7 +201,7 @@ def gradient_contracts(
         worst = 0.0
         for a, b in zip(grads, again.grads):
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.numel():
-                worst = max(worst, float((a.double() - b.double()).abs().max()))
+                worst = max(worst, float((_wide(a) - _wide(b)).abs().max()))
         if worst > nondet_tol:
             message = (f"backward gave different results on two identical calls "
                        f"(max difference {worst:.3g} > nondet_tol {nondet_tol:g})")
@@ -221,7 +226,7 @@ def gradient_contracts(
         # (1.5e-8 in float64, 3.5e-4 in float32) is far above the few roundings that adds and
         # far below the O(1) error of a backward that ignores or squares grad_output.
         grad_dtype = next((g.dtype for g in grads if isinstance(g, torch.Tensor)), torch.float64)
-        limit = torch.finfo(grad_dtype).eps ** 0.5
+        limit = torch.finfo(grad_dtype.to_real() if grad_dtype.is_complex else grad_dtype).eps ** 0.5
         if err > limit:
             message = (f"backward is not linear in grad_output (relative error {err:.3g}): "
                        "it ignores grad_output, uses ones, or transforms it non-linearly")

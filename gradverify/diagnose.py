@@ -79,6 +79,10 @@ def diagnose_block(block: BlockComparison) -> Diagnosis | None:
     if offdiag is not None:
         return offdiag
 
+    flipped = _sign_flipped_subset(block)
+    if flipped is not None:
+        return flipped
+
     partial = _partial(block)
     if partial is not None:
         return partial
@@ -171,6 +175,30 @@ def _missing_offdiag(block: BlockComparison) -> Diagnosis | None:
                "truth couples the output to them, and right everywhere else")
     return Diagnosis("missing_offdiag", message, output=block.out_name, input=block.in_name, evidence=evidence,
                      hint="a term of the chain rule is missing (a reduction or broadcast in forward?)")
+
+
+def _sign_flipped_subset(block: BlockComparison) -> Diagnosis | None:
+    """Every wrong entry is exactly the negated truth. On a complex tensor's real view, wrong
+    real/imaginary cross terms are the signature of a missing or extra conj()."""
+    a, t, allowed, bad = block.analytic, block.truth, block.allowed, block.mismatch
+    if not bool(((a + t).abs() <= allowed)[bad].all()):
+        return None
+    n_bad = int(bad.sum())
+    deriv = f"∂{block.out_name}/∂{block.in_name}"
+    message = f"{deriv}: {n_bad} entries have the wrong sign (backward = -truth there); the others match"
+    hint = "a subtraction the wrong way round in one branch of the formula?"
+    out_shape, in_shape = block.out_shape, block.in_shape
+    if out_shape and in_shape and out_shape[-1] == 2 and in_shape[-1] == 2:
+        in_numel = max(1, math.prod(in_shape))
+        cross = all(unravel(o, out_shape)[-1] != unravel(i, in_shape)[-1]
+                    for o, i in (divmod(f, in_numel) for f in torch.nonzero(bad.reshape(-1)).reshape(-1).tolist()))
+        if cross:
+            message += ("; they are the real/imaginary cross terms of a complex tensor's real view: "
+                        "a conj() is missing or extra")
+            hint = ("torch's convention: for y = f(z) holomorphic, grad_z = grad_output * f'(z).conj(); "
+                    "check every conj() in backward")
+    return Diagnosis("sign", message, output=block.out_name, input=block.in_name,
+                     evidence=f"{n_bad}/{n_bad} wrong entries are the negated truth", hint=hint)
 
 
 # A block with at most this share of its non-zero truth entries wrong is "partly" wrong.

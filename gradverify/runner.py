@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from gradverify.cases import Case, case_settings, input_values
+from gradverify.complex_view import complex_positions, real_view_case
+from gradverify.forward_mode import defines_jvp
 from gradverify.compare import (BlockComparison, compare_block, heatmap_of, mismatches_of,
                                 tolerance_for)
 from gradverify.config import Settings
@@ -450,24 +452,42 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
                    for c in checks)
     if blocking:
         return _finish(case, base, checks, notes, settings)
+    # Complex tensors are checked through their real views (torch's Wirtinger convention): the
+    # Jacobian machinery then only ever sees a real function of real inputs.
+    positions = complex_positions(args)
+    jac_case, jac_values, jac_args, jac_run = case, values64, args, run
+    if positions:
+        jac_case, jac_values, jac_args = real_view_case(case, values64, args, positions)
+        notes.append("complex inputs checked through torch.view_as_real: an entry's last index is 0 for the "
+                     "real part, 1 for the imaginary part")
+        try:
+            jac_run = run_forward(jac_case.op.function, jac_args, diff_positions)
+        except UserCodeError as exc:
+            checks.append(_user_error_check("forward", exc, case.op.file))
+            return _finish(case, base, checks, notes, settings)
     try:
-        analytic = analytic_jacobian(run, max_bytes=settings.max_memory, seed=case.seed)
+        analytic = analytic_jacobian(jac_run, max_bytes=settings.max_memory, seed=case.seed)
     except UserCodeError as exc:
         checks.append(_user_error_check("jacobian", exc, case.op.file))
         return _finish(case, base, checks, notes, settings)
-    out_positions = [o for o, _ in run.diff_outputs]
+    out_positions = [o for o, _ in jac_run.diff_outputs]
     try:
-        truth = build_truth(case, values64, diff_positions, out_positions, settings)
+        truth = build_truth(jac_case, jac_values, diff_positions, out_positions, settings)
     except UserCodeError as exc:
         checks.append(_user_error_check("jacobian", exc, case.op.file))
         return _finish(case, base, checks, notes, settings)
-    checks.append(_jacobian_check(case, analytic.blocks, truth, output_names(run), input_names, settings,
+    checks.append(_jacobian_check(jac_case, analytic.blocks, truth, output_names(jac_run), input_names, settings,
                                   analytic.path, analytic.fallback_reason))
     checks.append(run_gradcheck(function, args, diff_positions, mode=settings.gradcheck, dtype=case.dtype,
                                 seed=case.seed, nondet_tol=settings.nondet_tol))
-    checks = _explain_low_precision(case, checks, values64, diff_positions, truth, input_names, settings, run)
+    checks = _explain_low_precision(jac_case, checks, jac_values, diff_positions, truth, input_names, settings,
+                                    jac_run)
     checks = _discount_gradcheck_at_kinks(checks)
-    checks.extend(further_checks(case, settings, run, args, values64, diff_positions, truth, input_names))
+    if positions:
+        if settings.order >= 2 or defines_jvp(function):
+            notes.append("forward-mode and second-order checks are not run for complex inputs")
+    else:
+        checks.extend(further_checks(case, settings, run, args, values64, diff_positions, truth, input_names))
     checks.extend(device_checks(case, args, diff_positions, settings))
     return _finish(case, base, checks, notes, settings)
 
