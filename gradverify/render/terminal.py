@@ -67,7 +67,9 @@ def _summary_rows(case: CaseResult) -> list[tuple[str, Status, str, str]]:
         elif check.status is Status.SKIPPED:
             count = check.message
         else:
-            count = "-" if check.ok else (check.message[:60] if check.message else "-")
+            # One short line: the full message is in the case's details below the table.
+            text = check.message.split(":")[0].removeprefix(f"torch {check.name} ") if check.message else "-"
+            count = "-" if check.ok else (text if len(text) <= 32 else text[:31] + "…")
         rows.append((check.name, check.status, _fmt(check.max_abs_err), count))
     return rows
 
@@ -75,8 +77,12 @@ def _summary_rows(case: CaseResult) -> list[tuple[str, Status, str, str]]:
 def summary_table(report: Report, plain: bool) -> Table:
     table = Table(title="gradverify", box=box.ASCII if plain else box.SIMPLE_HEAVY, title_justify="left",
                   show_lines=False)
-    for column in ("op", "shapes", "dtype", "device", "check", "verdict", "max |err|", "mismatched"):
-        table.add_column(column, overflow="fold")
+    longest_op = max((len(case.op) for case in report.cases), default=2)
+    table.add_column("op", overflow="fold", min_width=min(longest_op, 32))
+    table.add_column("shapes", overflow="fold")
+    for column in ("dtype", "device", "check", "verdict", "max |err|"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("mismatched", overflow="fold")
     for case in report.cases:
         for k, (check, status, err, count) in enumerate(_summary_rows(case)):
             first = k == 0
