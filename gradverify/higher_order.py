@@ -138,7 +138,7 @@ def run_gradgradcheck(function: type, args: Sequence[Any], diff_positions: Seque
                       seed: int) -> CheckResult:
     if dtype not in ("float64", "complex128"):
         return CheckResult(name="gradgradcheck", status=Status.SKIPPED,
-                           message=f"not run: only meaningful in float64/complex128, not {dtype}")
+                           message=f"not run in {dtype}: only meaningful in float64/complex128")
     inputs = clone_args(args)
     for p in diff_positions:
         inputs[p].requires_grad_(True)

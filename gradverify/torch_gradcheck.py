@@ -31,8 +31,8 @@ def run_gradcheck(function: type, args: Sequence[Any], diff_positions: Sequence[
         return CheckResult(name="gradcheck", status=Status.SKIPPED, message="not run (--gradcheck off)")
     if dtype not in ("float64", "complex128"):
         return CheckResult(name="gradcheck", status=Status.SKIPPED,
-                           message=f"not run: gradcheck's finite differences are only meaningful in "
-                                   f"float64/complex128, not {dtype}")
+                           message=f"not run in {dtype}: gradcheck's finite differences are only "
+                                   "meaningful in float64/complex128")
     inputs = clone_args(args)
     for pos in diff_positions:
         inputs[pos].requires_grad_(True)

@@ -65,7 +65,7 @@ def _summary_rows(case: CaseResult) -> list[tuple[str, Status, str, str]]:
         if check.name == "jacobian" and check.total_entries:
             count = f"{check.mismatch_count} / {check.total_entries}"
         elif check.status is Status.SKIPPED:
-            count = check.message
+            count = check.message.split(":")[0] if check.message else "skipped"
         else:
             # One short line: the full message is in the case's details below the table.
             text = check.message.split(":")[0].removeprefix(f"torch {check.name} ") if check.message else "-"
@@ -190,7 +190,8 @@ def footer(report: Report) -> str:
     order = (Status.PASSED, Status.FAILED, Status.ERROR, Status.SKIPPED, Status.XFAIL, Status.XPASS)
     words = {Status.PASSED: "passed", Status.FAILED: "failed", Status.ERROR: "errors", Status.SKIPPED: "skipped",
              Status.XFAIL: "expected failures", Status.XPASS: "unexpectedly passed"}
-    parts = [f"{counts[s]} {words[s]}" for s in order if counts.get(s)]
+    parts = [f"{counts[s]} {words[s].removesuffix('s') if s is Status.ERROR and counts[s] == 1 else words[s]}"
+             for s in order if counts.get(s)]
     n = len(report.cases)
     return f"{n} case{'s' if n != 1 else ''}: " + (", ".join(parts) if parts else "nothing ran")
 
