@@ -22,7 +22,7 @@ def summarise(message: str) -> str:
         if len(" ".join(kept)) > 240:
             break
     text = " ".join(kept) or (lines[0] if lines else "gradcheck failed")
-    return text[:300]
+    return text[:300].rstrip(",;: ")
 
 
 def run_gradcheck(function: type, args: Sequence[Any], diff_positions: Sequence[int], *,
