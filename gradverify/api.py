@@ -87,13 +87,20 @@ def verify(fn: Any, *inputs: Any, **options: Any) -> Report:
     unknown = set(options) - known
     if unknown:
         raise UsageError(f"verify(): unknown option {sorted(unknown)[0]!r} (expected one of {', '.join(sorted(known))})")
+    import math
+
+    for name in ("atol", "rtol", "nondet_tol"):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise UsageError(f"verify(): {name} must be a finite non-negative number, got {value!r}")
     reference = options.pop("reference", None)
     settings = Settings(**{k: v for k, v in options.items()})
     try:
         import inspect
 
         file = inspect.getsourcefile(function) or "<unknown>"
-    except TypeError:
+    except (TypeError, OSError):
         file = "<unknown>"
     op = op_from_function(function, file)
     if reference is not None:

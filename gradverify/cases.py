@@ -94,6 +94,8 @@ def _with_shapes(template: tuple[InputSpec, ...], shape_set: ShapeSet, op: OpSpe
         if param.is_tensor and param.name in shapes:
             resolved.append(InputSpec(name=param.name, shape=shapes[param.name], domain=param.domain,
                                       requires_grad=param.requires_grad))
+        elif param.is_tensor and param.variadic:
+            continue  # an *args slot without a shape is simply not passed
         elif param.is_tensor:
             resolved.append(InputSpec(name=param.name, is_tensor=False, value=None, has_value=True))
         else:
@@ -106,6 +108,8 @@ def _fill_default_shapes(inputs: tuple[InputSpec, ...]) -> tuple[tuple[InputSpec
     resolved: list[InputSpec] = []
     for param in inputs:
         if param.is_tensor and param.optional and param.shape is None:
+            if param.variadic:
+                continue  # an *args slot without a shape is simply not passed
             resolved.append(InputSpec(name=param.name, is_tensor=False, value=None, has_value=True))
         elif param.is_tensor and param.shape is None:
             used_default = True

@@ -246,6 +246,9 @@ def _parse_outputs(specs: List[str]) -> list[tuple[str, Path]]:
         head, sep, tail = spec.partition(":")
         if sep and head.strip().lower() in OUTPUT_FORMATS:
             fmt, target = head.strip().lower(), tail
+        elif sep and len(head) > 1 and head.isidentifier():  # 'C:\\...' is a drive, 'foo:x' a format
+            _fail(f"--output {spec!r}: unknown format {head!r} (expected one of {', '.join(OUTPUT_FORMATS)})",
+                  EXIT_USAGE)
         else:
             fmt, target = SUFFIX_FORMATS.get(Path(spec).suffix.lower(), ""), spec
             if not fmt:

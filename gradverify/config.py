@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -19,6 +20,7 @@ DEFAULT_SHAPE: Shape = (3, 4)
 
 DTYPES = ("float64", "float32", "float16", "bfloat16", "complex128", "complex64")
 GRADCHECK_MODES = ("fast", "slow", "off")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,10 @@ def _parse_value(key: str, raw: Any, label: str) -> Any:
         items = _as_list(raw, label)
         if not all(isinstance(i, str) and i.strip() for i in items):
             raise UsageError(f"{label}: expected a list of strings, found {_found(raw)}")
+        if key == "devices":
+            for item in items:
+                if not DEVICE_PATTERN.fullmatch(item.strip()):
+                    raise UsageError(f"{label}: expected cpu, cuda, cuda:N or mps, found {item!r}")
         if key == "dtypes":
             out = []
             for item in items:
@@ -258,8 +264,10 @@ def _parse_value(key: str, raw: Any, label: str) -> Any:
                 raw = int(raw.strip())
             except ValueError:
                 pass
-        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-            raise UsageError(f"{label}: expected a non-negative integer, found {_found(raw)}")
+        # Seeds feed torch.Generator.manual_seed, which takes 64-bit values.
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0 or raw >= 2**63 // 1_000_003:
+            raise UsageError(f"{label}: expected a non-negative integer below {2**63 // 1_000_003}, "
+                             f"found {_found(raw)}")
         return raw
     if key in ("atol", "rtol", "nondet_tol"):
         return _parse_float(raw, label)
@@ -309,8 +317,9 @@ def _parse_float(raw: Any, label: str) -> float:
             raw = float(raw.strip())
         except ValueError:
             pass
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw < 0:
-        raise UsageError(f"{label}: expected a non-negative number, found {_found(raw)}")
+    # NaN compares false with everything: a NaN tolerance would silently switch a check off.
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw < 0:
+        raise UsageError(f"{label}: expected a finite non-negative number, found {_found(raw)}")
     return float(raw)
 
 

@@ -51,6 +51,11 @@ def tensor(*shape: int, domain: str | None = None, requires_grad: bool = True) -
     for size in shape:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise TypeError(f"gradverify.tensor: sizes must be non-negative ints, got {shape!r}")
+    if domain is not None:
+        from gradverify.cases import DOMAINS
+
+        if domain not in DOMAINS:
+            raise ValueError(f"gradverify.tensor: domain {domain!r} is not one of {', '.join(DOMAINS)}")
     return TensorArg(shape=tuple(shape) if shape else None, domain=domain, requires_grad=requires_grad)
 
 
@@ -73,7 +78,14 @@ def check(
     expect_failure: a known bug kept visible: reported as 'expected failure' until fixed.
     """
     import inspect
+    import math
 
+    for label, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"gradverify.check: {label} must be a finite non-negative number, got {value!r}")
+    if surrogate and expect_failure:
+        raise ValueError("gradverify.check: give surrogate or expect_failure, not both")
     frame = inspect.currentframe()
     line = frame.f_back.f_lineno if frame is not None and frame.f_back is not None else None
     surrogate_reason: str | None

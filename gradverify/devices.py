@@ -40,7 +40,9 @@ def forward_backward(function: type, args: Sequence[Any], diff_positions: Sequen
     device = next((str(a.device) for a in inputs if isinstance(a, torch.Tensor)), "cpu")
     for pos in diff_positions:
         inputs[pos].requires_grad_(True)
-    outputs = as_tuple(function.apply(*inputs))
+    # Forward gets non-leaf copies (an op that writes into its input with mark_dirty needs that).
+    call = [a.clone() if k in diff_positions else a for k, a in enumerate(inputs)]
+    outputs = as_tuple(function.apply(*call))
     gen = torch.Generator().manual_seed(seed + 11)
     diff_out: list[torch.Tensor] = []
     grad_out: list[torch.Tensor] = []

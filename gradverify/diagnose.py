@@ -144,11 +144,24 @@ def _missing_offdiag(block: BlockComparison) -> Diagnosis | None:
     deriv_generic = f"∂{block.out_name}/∂{block.in_name}"
     if out_shape == in_shape and out_shape:
         coupled_dims: set[int] = set()
-        diagonal_kept = True
+        on_diagonal = 0
         for flat in positions:
             o_flat, i_flat = divmod(flat, in_numel)
             o_idx, i_idx = unravel(o_flat, out_shape), unravel(i_flat, in_shape)
-            coupled_dims |= {d for d in range(len(out_shape)) if o_idx[d] != i_idx[d]}
+            differing = {d for d in range(len(out_shape)) if o_idx[d] != i_idx[d]}
+            on_diagonal += not differing
+            coupled_dims |= differing
+        if on_diagonal == n_bad:
+            # Not a missing coupling at all: the backward is 0 at some of its own diagonal entries.
+            return Diagnosis(
+                "zero_grad",
+                f"∂{block.out_name}/∂{block.in_name} is 0 in the backward at {n_bad} diagonal entries where the "
+                "truth is not; every other entry matches",
+                output=block.out_name, input=block.in_name, evidence=evidence,
+                hint="a branch of a piecewise derivative returns 0 (a dropped slope such as leaky_relu's, "
+                     "a mask that is too strict)")
+        if on_diagonal:
+            return None  # zeros both on and off the diagonal: not one clean pattern
         diag = torch.stack([a.reshape(max(1, math.prod(out_shape)), in_numel).diagonal(),
                             t.reshape(max(1, math.prod(out_shape)), in_numel).diagonal()])
         diagonal_kept = bool(((diag[0] - diag[1]).abs() <= 1e-12 + allowed.reshape(diag.shape[1], -1).diagonal()).all())
@@ -295,7 +308,12 @@ def diagnose(blocks: Sequence[BlockComparison]) -> list[Diagnosis]:
     for block in blocks:
         if block.in_name in covered:
             continue
-        found = diagnose_block(block)
+        try:
+            found = diagnose_block(block)
+        except Exception as exc:  # a naming rule must never cost the user the report itself
+            found = Diagnosis("other", f"∂{block.out_name}/∂{block.in_name}: {block.mismatch_count} entries differ",
+                              output=block.out_name, input=block.in_name,
+                              evidence=f"pattern analysis failed ({type(exc).__name__}); see the diff table")
         if found is not None:
             diagnoses.append(found)
     return diagnoses

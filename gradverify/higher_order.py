@@ -18,7 +18,7 @@ from gradverify.diagnose import diagnose
 from gradverify.jacobian import (UserCodeError, as_tuple, clone_args, is_differentiable_output, jacobian_by_vjp,
                                  numerical_jacobian)
 from gradverify.report import CheckResult, Diagnosis, Status
-from gradverify.torch_gradcheck import summarise
+from gradverify.torch_gradcheck import on_copies, summarise
 
 
 def is_once_differentiable(function: type) -> bool:
@@ -28,6 +28,11 @@ def is_once_differentiable(function: type) -> bool:
     code = getattr(backward, "__code__", None)
     return (getattr(backward, "__wrapped__", None) is not None and code is not None
             and code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py"))
+
+
+def _non_leaf(args: list[Any], positions: Sequence[int]) -> list[Any]:
+    """Copies of the leaves for forward, so an op that writes into its input (mark_dirty) can run."""
+    return [a.clone() if k in positions else a for k, a in enumerate(args)]
 
 
 def _probe(outputs: Sequence[Any], seed: int) -> list[torch.Tensor]:
@@ -43,7 +48,8 @@ def _gradient_map(function: type, diff_positions: Sequence[int], seed: int):  # 
         leaves = [fresh[p].requires_grad_(True) for p in diff_positions]
         try:
             with torch.enable_grad():
-                outputs = [o for o in as_tuple(function.apply(*fresh)) if is_differentiable_output(o)]
+                outputs = [o for o in as_tuple(function.apply(*_non_leaf(fresh, diff_positions)))
+                           if is_differentiable_output(o)]
                 grads = torch.autograd.grad(outputs, leaves, _probe(outputs, seed), allow_unused=True)
         except Exception as exc:
             raise UserCodeError("backward", exc) from exc
@@ -68,7 +74,8 @@ def second_order_check(function: type, args: Sequence[Any], values64: Sequence[A
     leaves = [(p, fresh[p].requires_grad_(True)) for p in diff_positions]
     try:
         with torch.enable_grad():
-            outputs = [o for o in as_tuple(function.apply(*fresh)) if is_differentiable_output(o)]
+            outputs = [o for o in as_tuple(function.apply(*_non_leaf(fresh, diff_positions)))
+                       if is_differentiable_output(o)]
             grads = torch.autograd.grad(outputs, [leaf for _, leaf in leaves], _probe(outputs, seed),
                                         create_graph=True, allow_unused=True)
     except Exception as exc:
@@ -145,7 +152,7 @@ def run_gradgradcheck(function: type, args: Sequence[Any], diff_positions: Seque
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            torch.autograd.gradgradcheck(function.apply, tuple(inputs), raise_exception=True)
+            torch.autograd.gradgradcheck(on_copies(function), tuple(inputs), raise_exception=True)
     except Exception as exc:  # gradgradcheck must never crash the run
         return CheckResult(name="gradgradcheck", status=Status.FAILED,
                            message=f"torch gradgradcheck failed: {summarise(str(exc))}")

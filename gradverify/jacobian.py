@@ -444,8 +444,12 @@ def run_forward(function: type, args: Sequence[Any], diff_positions: Sequence[in
     call_args = clone_args(args)
     leaves: list[tuple[int, torch.Tensor]] = []
     for pos in diff_positions:
-        call_args[pos] = call_args[pos].requires_grad_(True)
-        leaves.append((pos, call_args[pos]))
+        leaf = call_args[pos].requires_grad_(True)
+        leaves.append((pos, leaf))
+        # Forward gets a non-leaf copy, as in real use (x = layer(...)): an op that writes into its
+        # input and calls ctx.mark_dirty is legal on that, never on a leaf that requires grad.
+        with torch.enable_grad():
+            call_args[pos] = leaf.clone()
     try:
         with torch.enable_grad():
             outputs = as_tuple(function.apply(*call_args))
@@ -571,6 +575,7 @@ def numerical_columns(
     max_bytes: int = 512 * 2**20,
     f0: tuple[torch.Tensor, ...] | None = None,
     seed: int = 0,
+    step_scale: float = 1.0,
 ) -> NumericalColumns:
     """Richardson central differences for the input entries `flat_cols` of args[in_pos].
 
@@ -589,7 +594,7 @@ def numerical_columns(
     flat = x.reshape(-1)
     cols = flat_cols.reshape(-1).to(torch.long)
     k_total = int(cols.numel())
-    steps = step_sizes(x).reshape(-1)
+    steps = step_sizes(x).reshape(-1) * step_scale
     m_total = sum(int(f.numel()) for f in f0)
     chunk = _fd_columns_per_chunk(flat.numel(), m_total, x.element_size(), max_bytes)
     per_out: dict[int, dict[str, list[torch.Tensor]]] = {o: {"e": [], "b": [], "k": []} for o in out_positions}
@@ -661,6 +666,40 @@ def numerical_columns(
     return NumericalColumns(estimates, bars, kinks, evaluations, path, reason)
 
 
+# Step levels: the default step, then 8 and 64 times smaller (powers of two, so x +- h stays
+# exact). The default step suits functions that vary on the scale of max(1, |x|); an op that
+# varies faster (1/x near 1e-4, sin(2000 x)) is only resolved by a smaller step, and the error
+# estimate below picks, entry by entry, the level where successive estimates agree best.
+STEP_LEVELS = (1.0, 1 / 8, 1 / 64)
+
+
+def best_of_levels(levels: Sequence[NumericalColumns]) -> NumericalColumns:
+    """Per entry, the finer estimate of the pair of successive levels that agree best.
+
+    Its error bar is that disagreement plus the finer level's own bar: two estimates whose steps
+    differ 8-fold only agree when both are in the asymptotic regime, so the gap bounds the error
+    (a Richardson bar from one step size alone can be far too small when the step is too large).
+    """
+    if len(levels) == 1:
+        return levels[0]
+    estimates: dict[int, torch.Tensor] = {}
+    bars: dict[int, torch.Tensor] = {}
+    kinks: dict[int, torch.Tensor] = {}
+    for o in levels[0].estimates:
+        E = torch.stack([lv.estimates[o] for lv in levels])
+        B = torch.stack([lv.bars[o] for lv in levels])
+        K = torch.stack([lv.kinks[o] for lv in levels])
+        err = (E[:-1] - E[1:]).abs() + B[1:]
+        err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+        choice = err.argmin(dim=0, keepdim=True)
+        estimates[o] = E[1:].gather(0, choice)[0]
+        bars[o] = err.gather(0, choice)[0]
+        kinks[o] = K[1:].gather(0, choice)[0]
+    last = levels[-1]
+    return NumericalColumns(estimates, bars, kinks, sum(lv.evaluations for lv in levels), last.path,
+                            next((lv.fallback_reason for lv in levels if lv.fallback_reason), ""))
+
+
 def _verify_batched_column(F: list[torch.Tensor], chunk_cols: torch.Tensor,
                            looped: Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]],
                            f0: tuple[torch.Tensor, ...], eps: float, seed: int) -> None:
@@ -709,8 +748,9 @@ def numerical_jacobian(
     path, reason = ("batched" if batched is not None else "loop"), ""
     for in_pos in diff_positions:
         x = base[in_pos]
-        cols = numerical_columns(evaluate, base, in_pos, torch.arange(x.numel()), out_positions,
-                                 batched=batched, max_bytes=max_bytes, f0=f0, seed=seed)
+        cols = best_of_levels([numerical_columns(evaluate, base, in_pos, torch.arange(x.numel()), out_positions,
+                                                 batched=batched, max_bytes=max_bytes, f0=f0, seed=seed,
+                                                 step_scale=scale) for scale in STEP_LEVELS])
         evaluations += cols.evaluations
         if cols.path == "loop" and path == "batched":
             path, reason = "loop", cols.fallback_reason
@@ -772,6 +812,10 @@ def make_evaluator(function: type, out_positions: Sequence[int]) -> Callable[[li
     return evaluate
 
 
+# Directional probes are cheap (four forward calls a level), so they try a wider range of steps.
+DIRECTIONAL_LEVELS = (1.0, 1 / 8, 1 / 64, 1 / 512)
+
+
 def directional_derivatives(
     evaluate: Callable[[list[Any]], tuple[torch.Tensor, ...]],
     args: Sequence[Any],
@@ -791,16 +835,30 @@ def directional_derivatives(
             call[p] = base[p] + t * v
         return evaluate(call)
 
-    fp1, fm1, fp2, fm2 = at(h), at(-h), at(h / 2), at(-h / 2)
-    estimates, bars = [], []
-    for a, b, c, d in zip(fp1, fm1, fp2, fm2):
-        d1 = (a - b) / (2 * h)
-        d2 = (c - d) / h
-        est = (4 * d2 - d1) / 3
-        scale = torch.maximum(a.abs(), b.abs())
-        estimates.append(est)
-        bars.append((est - d2).abs() + 8 * eps * scale / h)
-    return tuple(estimates), tuple(bars)
+    per_level: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    for level in DIRECTIONAL_LEVELS:
+        hl = h * level
+        fp1, fm1, fp2, fm2 = at(hl), at(-hl), at(hl / 2), at(-hl / 2)
+        estimates, bars = [], []
+        for a, b, c, d in zip(fp1, fm1, fp2, fm2):
+            d1 = (a - b) / (2 * hl)
+            d2 = (c - d) / hl
+            est = (4 * d2 - d1) / 3
+            scale = torch.maximum(a.abs(), b.abs())
+            estimates.append(est)
+            bars.append((est - d2).abs() + 8 * eps * scale / hl)
+        per_level.append((estimates, bars))
+    # Per output entry, the finer estimate of the best-agreeing pair of successive step sizes.
+    best_estimates, best_bars = [], []
+    for k in range(len(per_level[0][0])):
+        E = torch.stack([lvl[0][k] for lvl in per_level])
+        B = torch.stack([lvl[1][k] for lvl in per_level])
+        err = (E[:-1] - E[1:]).abs() + B[1:]
+        err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+        choice = err.argmin(dim=0, keepdim=True)
+        best_estimates.append(E[1:].gather(0, choice)[0])
+        best_bars.append(err.gather(0, choice)[0])
+    return tuple(best_estimates), tuple(best_bars)
 
 
 # --------------------------------------------------------------------------------------
@@ -917,14 +975,18 @@ class FiniteDifferences:
         self.fallback_reason = ""
 
     def columns(self, in_pos: int, flat_cols: torch.Tensor) -> NumericalColumns:
-        cols = numerical_columns(self.evaluate, self.args, in_pos, flat_cols, self.out_positions,
-                                 batched=self.batched, max_bytes=self.max_bytes, f0=self.f0, seed=self.seed)
-        self.evaluations += cols.evaluations
-        if cols.path == "loop" and self.batched is not None:
-            # Remember: once vmap failed or disagreed, every later chunk uses the loop.
-            self.batched = None
-            self.path, self.fallback_reason = "loop", cols.fallback_reason
-        return cols
+        levels = []
+        for scale in STEP_LEVELS:
+            cols = numerical_columns(self.evaluate, self.args, in_pos, flat_cols, self.out_positions,
+                                     batched=self.batched, max_bytes=self.max_bytes, f0=self.f0, seed=self.seed,
+                                     step_scale=scale)
+            self.evaluations += cols.evaluations
+            if cols.path == "loop" and self.batched is not None:
+                # Remember: once vmap failed or disagreed, every later chunk uses the loop.
+                self.batched = None
+                self.path, self.fallback_reason = "loop", cols.fallback_reason
+            levels.append(cols)
+        return best_of_levels(levels)
 
     def jacobian(self) -> NumericalJacobian:
         """The whole numerical Jacobian (the truth when the reference cannot be trusted)."""
@@ -944,5 +1006,5 @@ class FiniteDifferences:
                                  evaluations=self.evaluations, path=self.path, fallback_reason=self.fallback_reason)
 
     def directional(self, directions: dict[int, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        self.evaluations += 4
+        self.evaluations += 4 * len(DIRECTIONAL_LEVELS)
         return directional_derivatives(self.evaluate, self.args, directions)

@@ -433,8 +433,11 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
         return _finish(case, base, checks, notes, settings)
     checks.append(inplace_contract(run, args, input_names))
     if not diff_positions:
-        notes.append("no input needs grad: nothing to differentiate")
-        return _finish(case, base, checks, notes, settings)
+        # Never a silent pass: a case that differentiates nothing checked nothing.
+        message = "not run: no floating-point tensor input requires grad (nothing to differentiate)"
+        checks.append(CheckResult(name="jacobian", status=Status.SKIPPED, message=message))
+        result = _finish(case, base, checks, notes, settings)
+        return replace(result, status=Status.SKIPPED, message=message) if result.ok else result
     if not run.diff_outputs:
         checks.append(CheckResult(name="jacobian", status=Status.FAILED,
                                   message="no output of forward is differentiable (all are integer, detached "

@@ -160,3 +160,36 @@ def test_unavailable_device_is_a_skipped_row() -> None:
     statuses = {c["device"]: (c["status"], c["message"]) for c in result.json()["cases"]}
     assert statuses["cpu"][0] == "passed"
     assert statuses["cuda:7"][0] == "skipped" and "not available" in statuses["cuda:7"][1]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--atol", "nan"), "--atol: expected a finite non-negative number"),
+    (("--device", "cdua"), "--device: expected cpu, cuda, cuda:N or mps, found 'cdua'"),
+    (("--output", "foo:report.txt"), "unknown format 'foo'"),
+    (("--order", "3"), "--order 3"),
+])
+def test_bad_values_are_usage_errors_not_silent_passes(args: tuple[str, ...], expected: str, tmp_path) -> None:
+    result = run_cli("check", str(SPECS / "column_normalize_buggy.py"), *args, cwd=tmp_path)
+    assert result.code == 2, result.stdout + result.stderr
+    assert expected in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "foo:report.txt").exists()
+
+
+def test_spec_mistakes_in_declarations_exit_2_with_the_line(write_spec) -> None:
+    path = write_spec("typo.py", """\
+        import torch
+        import gradverify as gv
+
+        @gv.check(inputs={"x": gv.tensor(3, domain="posit")})
+        class F(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x
+
+            @staticmethod
+            def backward(ctx, g):
+                return g
+        """)
+    result = run_cli("check", str(path))
+    assert result.code == 2
+    assert f"{path}:4" in result.stderr and "domain 'posit'" in result.stderr

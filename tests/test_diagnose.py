@@ -573,3 +573,24 @@ def test_missing_offdiag_names_the_coupled_dim_of_a_batched_op() -> None:
     (diagnosis,) = jac.diagnoses
     assert diagnosis.kind == "missing_offdiag"
     assert "∂out[i,j,k]/∂x[i,l,k] for l≠j" in diagnosis.message and "dim 1" in diagnosis.message
+
+
+class LeakyReLUDroppedSlope(Fn):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x > 0, x, 0.01 * x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0)  # the 0.01 slope is dropped
+
+
+def test_backward_zero_on_part_of_the_diagonal_is_named_not_crashed() -> None:
+    for shape in ((5,), (3, 4), (2, 3, 3)):
+        report = gradverify.verify(LeakyReLUDroppedSlope, nonzero(*shape))
+        assert not report.ok
+        jac = next(c for c in report.cases[0].checks if c.name == "jacobian")
+        (diagnosis,) = jac.diagnoses
+        assert diagnosis.kind == "zero_grad" and "diagonal entries" in diagnosis.message, diagnosis

@@ -162,3 +162,65 @@ def test_trailing_comma_and_bad_tokens_in_shapes() -> None:
     for bad in ("2,x", "2,,3"):
         with pytest.raises(UsageError):
             parse_shape_set(bad)
+
+
+def test_varargs_forward_takes_one_tensor_per_shape_and_base_classes_are_not_ops(write_spec) -> None:
+    spec = write_spec("varargs.py", """\
+        import torch
+
+        class Base(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                raise NotImplementedError
+
+        class Twice(Base):
+            @staticmethod
+            def forward(ctx, x):
+                return 2 * x
+
+            @staticmethod
+            def backward(ctx, g):
+                return 2 * g
+
+        class Sum(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *xs):
+                return sum(xs)
+
+            @staticmethod
+            def backward(ctx, g):
+                return (g,) * 3
+        """)
+    assert [op.name for op in load_spec(spec)] == ["Twice", "Sum"]
+    (three,) = collect_cases([spec], Settings(ops=("Sum",), shapes=(parse_shape_set("3;3;3"),)))
+    assert [p.name for p in three.inputs] == ["xs[0]", "xs[1]", "xs[2]"]
+    (one,) = collect_cases([spec], Settings(ops=("Sum",)))
+    assert [p.name for p in one.inputs] == ["xs[0]"]
+    from gradverify.api import run_cases
+
+    report = run_cases([three], Settings())
+    assert report.ok, [c.message for c in report.cases]
+    (two,) = collect_cases([spec], Settings(ops=("Sum",), shapes=(parse_shape_set("3;3"),)))
+    assert not run_cases([two], Settings()).ok  # 3 gradients for 2 inputs
+
+
+def test_nothing_to_differentiate_is_skipped_not_passed(write_spec) -> None:
+    spec = write_spec("constant.py", """\
+        import torch
+        import gradverify as gv
+
+        @gv.check(inputs={"x": 3.0})
+        class Scale(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return torch.tensor(x) * 2
+
+            @staticmethod
+            def backward(ctx, g):
+                return g * 3
+        """)
+    from gradverify.api import check_paths
+    from gradverify.report import Status
+
+    (case,) = check_paths([spec], Settings()).cases
+    assert case.status is Status.SKIPPED and "nothing to differentiate" in case.checks[-1].message

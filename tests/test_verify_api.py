@@ -249,3 +249,29 @@ def test_scalar_outputs_integer_outputs_several_outputs_and_empty_inputs() -> No
     two = gradverify.verify(SinAndPower, torch.randn(3, dtype=double), 3)
     jac = next(c for c in two.cases[0].checks if c.name == "jacobian")
     assert jac.total_entries == 2 * 3 * 3  # both outputs against x
+
+
+class DirtyScale(torch.autograd.Function):
+    """Writes into its input and says so: legal, and must pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x.mul_(2)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_in_place_op_with_mark_dirty_passes_and_the_callers_tensor_is_untouched() -> None:
+    x = torch.randn(4, dtype=torch.float64)
+    before = x.clone()
+    report = gradverify.verify(DirtyScale, x)
+    assert report.ok, gradverify.explain(report)
+    assert torch.equal(x, before)
+    inplace = next(c for c in report.cases[0].checks if c.name == "inplace")
+    assert inplace.status is Status.PASSED
+    second = gradverify.verify(DirtyScale, x, order=2)
+    assert second.ok, gradverify.explain(second)

@@ -25,6 +25,8 @@ class InputSpec:
     optional: bool = False
     value: Any = None
     has_value: bool = False
+    # One of forward's *args: present only when a shape is given for it.
+    variadic: bool = False
 
 
 @dataclass(frozen=True)

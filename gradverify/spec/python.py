@@ -114,6 +114,10 @@ def uses_setup_context(function: type) -> bool:
     return getattr(function, "setup_context", None) is not _SingleLevelFunction.setup_context
 
 
+# How many tensors a forward(ctx, *args) can be given from the command line.
+MAX_VARIADIC = 8
+
+
 def forward_params(function: type, file: str, line: int | None) -> tuple[InputSpec, ...]:
     """Forward's positional parameters: no default = tensor, default None = optional tensor,
     any other default = non-tensor argument with that value."""
@@ -130,7 +134,13 @@ def forward_params(function: type, file: str, line: int | None) -> tuple[InputSp
         params = params[1:]
     specs: list[InputSpec] = []
     for param in params:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.KEYWORD_ONLY):
+        if param.kind is param.VAR_POSITIONAL:
+            # forward(ctx, *xs): one tensor at least, more when --shape names more ("3;3;3").
+            specs.append(InputSpec(name=f"{param.name}[0]", variadic=True))
+            specs.extend(InputSpec(name=f"{param.name}[{k}]", optional=True, variadic=True)
+                         for k in range(1, MAX_VARIADIC))
+            continue
+        if param.kind in (param.VAR_KEYWORD, param.KEYWORD_ONLY):
             continue
         if param.default is inspect.Parameter.empty:
             specs.append(InputSpec(name=param.name))
@@ -250,4 +260,7 @@ def load_python_spec(path: Path) -> list[OpSpec]:
             file=display,
         )
     found.sort(key=lambda item: item[0])
-    return [op for _, op in found]
+    # A Function that another Function of the file derives from is a shared base, not an op.
+    classes = [op.function for _, op in found]
+    return [op for _, op in found
+            if not any(other is not op.function and issubclass(other, op.function) for other in classes)]
