@@ -13,7 +13,9 @@ from gradverify.report import Heatmap, Mismatch, format_index
 #
 # float64: both sides are exact up to rounding (~1e-15 relative, times the op's condition
 #   number), so rtol 1e-6 leaves nine orders of magnitude for legitimate reformulations of
-#   the same derivative while still catching any formula error above a part per million.
+#   the same derivative while still catching any formula error above a part per million (of
+#   entries of order 1 or more: the block scale max(1, max|truth|) makes atol an absolute floor
+#   for Jacobians whose entries are all small, as gradcheck's atol is).
 #   gradcheck uses rtol 1e-3 only because its own finite differences are that noisy.
 # float32/float16/bfloat16: a backward evaluated in a lower dtype rounds every intermediate;
 #   rtol is about 1000x the dtype's machine epsilon (2^-23, 2^-10, 2^-7) clipped so that a

@@ -22,6 +22,8 @@ from gradverify.report import CheckResult, Diagnosis, Status
 class BackwardCall:
     grads: tuple[Any, ...] | None
     error: BaseException | None = None
+    returned_list: bool = False
+    wrote_grad_output: bool = False
 
 
 def _grad_outputs(run: ForwardRun, gen: torch.Generator, scale: float = 1.0) -> list[Any]:
@@ -46,12 +48,16 @@ def call_backward(function: type, run: ForwardRun, grad_outputs: Sequence[Any]) 
     if not outputs_with_ctx:
         return BackwardCall(None, RuntimeError("no output of forward has a grad_fn"))
     ctx = outputs_with_ctx[0].grad_fn
+    # Copies: a backward that writes into grad_output must not change our probes.
+    copies = [g.clone() if isinstance(g, torch.Tensor) else g for g in grad_outputs]
     try:
         with torch.no_grad():
-            grads = as_tuple(function.backward(ctx, *grad_outputs))
-    except Exception as exc:
+            returned = function.backward(ctx, *copies)
+    except (Exception, SystemExit) as exc:
         return BackwardCall(None, exc)
-    return BackwardCall(grads)
+    wrote = any(isinstance(c, torch.Tensor) and not torch.equal(c, g) for c, g in zip(copies, grad_outputs)
+                if isinstance(g, torch.Tensor) and not g.is_complex() and bool(torch.isfinite(g).all()))
+    return BackwardCall(as_tuple(returned), returned_list=isinstance(returned, list), wrote_grad_output=wrote)
 
 
 def _dims_to_reduce(grad_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> list[int] | None:
@@ -122,8 +128,21 @@ def gradient_contracts(
         checks.append(CheckResult(name="grad_count", status=Status.FAILED, message=message,
                                   diagnoses=(Diagnosis("shape_mismatch", message),)))
         return checks
+    if first.returned_list:
+        message = "backward returned a list: torch accepts a tuple (or a single tensor), and raises on a list"
+        checks.append(CheckResult(name="grad_count", status=Status.FAILED, message=message,
+                                  diagnoses=(Diagnosis("shape_mismatch", message,
+                                                       hint="return tuple(grads) or the gradients separated by "
+                                                            "commas"),)))
+        return checks
     checks.append(CheckResult(name="grad_count", status=Status.PASSED,
                               message=f"{n_inputs} gradient(s) for {n_inputs} input(s)"))
+    if first.wrote_grad_output:
+        message = ("backward modified grad_output in place: autograd may share that tensor with other "
+                   "branches of the graph, whose gradients then change too")
+        checks.append(CheckResult(name="grad_output_inplace", status=Status.FAILED, message=message,
+                                  diagnoses=(Diagnosis("other", message,
+                                                       hint="compute out of place (g * 3, not g.mul_(3))"),)))
 
     problems: list[Diagnosis] = []
     for pos, (grad, arg, name) in enumerate(zip(grads, run.args, input_names)):

@@ -453,7 +453,7 @@ def run_forward(function: type, args: Sequence[Any], diff_positions: Sequence[in
     try:
         with torch.enable_grad():
             outputs = as_tuple(function.apply(*call_args))
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # the user's code must not end the run (sys.exit in forward)
         raise UserCodeError("forward", exc) from exc
     diff_outputs = [(i, o) for i, o in enumerate(outputs) if is_differentiable_output(o)]
     return ForwardRun(leaves=leaves, args=call_args, outputs=outputs, diff_outputs=diff_outputs)

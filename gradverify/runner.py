@@ -58,8 +58,13 @@ def repro_command(case: Case) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _user_error_check(name: str, exc: UserCodeError, spec_file: str) -> CheckResult:
+def _user_error_check(name: str, exc: UserCodeError, spec_file: str, op: Any = None) -> CheckResult:
     file, line = user_frame(exc.original, prefer=spec_file)
+    if op is not None and (file is None or "/torch/" in file.replace("\\", "/")):
+        # Raised by torch about what the user's code returned (a list, a numpy array): point at
+        # the user's Function instead of torch's internals.
+        file = op.file
+        line = op.backward_line if exc.phase != "forward" else op.line
     where = f" at {file}:{line}" if file else ""
     message = f"{exc.phase} raised {type(exc.original).__name__}: {exc.original}{where}"
     return CheckResult(name=name, status=Status.ERROR, message=message,
@@ -222,7 +227,7 @@ def _jacobian_check(case: Case, analytic: dict[tuple[int, int], torch.Tensor], t
     try:
         return _jacobian_check_inner(case, analytic, truth, names, input_names, settings, path, fallback_reason)
     except UserCodeError as exc:  # the user's backward raised while rows were being computed
-        return _user_error_check("jacobian", exc, case.op.file)
+        return _user_error_check("jacobian", exc, case.op.file, case.op)
 
 
 def _jacobian_check_inner(case: Case, analytic: dict[tuple[int, int], torch.Tensor], truth: Truth,
@@ -429,7 +434,7 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
     try:
         run = run_forward(function, args, diff_positions)
     except UserCodeError as exc:
-        checks.append(_user_error_check("forward", exc, case.op.file))
+        checks.append(_user_error_check("forward", exc, case.op.file, case.op))
         return _finish(case, base, checks, notes, settings)
     checks.append(inplace_contract(run, args, input_names))
     if not diff_positions:
@@ -466,18 +471,18 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
         try:
             jac_run = run_forward(jac_case.op.function, jac_args, diff_positions)
         except UserCodeError as exc:
-            checks.append(_user_error_check("forward", exc, case.op.file))
+            checks.append(_user_error_check("forward", exc, case.op.file, case.op))
             return _finish(case, base, checks, notes, settings)
     try:
         analytic = analytic_jacobian(jac_run, max_bytes=settings.max_memory, seed=case.seed)
     except UserCodeError as exc:
-        checks.append(_user_error_check("jacobian", exc, case.op.file))
+        checks.append(_user_error_check("jacobian", exc, case.op.file, case.op))
         return _finish(case, base, checks, notes, settings)
     out_positions = [o for o, _ in jac_run.diff_outputs]
     try:
         truth = build_truth(jac_case, jac_values, diff_positions, out_positions, settings)
     except UserCodeError as exc:
-        checks.append(_user_error_check("jacobian", exc, case.op.file))
+        checks.append(_user_error_check("jacobian", exc, case.op.file, case.op))
         return _finish(case, base, checks, notes, settings)
     checks.append(_jacobian_check(jac_case, analytic.blocks, truth, output_names(jac_run), input_names, settings,
                                   analytic.path, analytic.fallback_reason))
@@ -502,7 +507,7 @@ def _backward_error_with_location(check: CheckResult, function: type, run: Forwa
     call = call_backward(function, run, _grad_outputs(run, torch.Generator().manual_seed(case.seed)))
     if call.error is None:
         return check
-    return _user_error_check("backward", UserCodeError("backward", call.error), case.op.file)
+    return _user_error_check("backward", UserCodeError("backward", call.error), case.op.file, case.op)
 
 
 def _finish(case: Case, base: dict[str, Any], checks: list[CheckResult], notes: list[str],

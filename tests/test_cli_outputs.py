@@ -44,7 +44,7 @@ def test_report_files_with_a_short_summary_on_stdout(tmp_path: Path) -> None:
     assert result.code == 1, result.stderr
     # stdout: the failing cases and the counts, not the whole report (that went to the files)
     assert "FAILED ColumnNormalize" in result.stdout and "ERROR Raises" in result.stdout
-    assert "6 cases: 1 passed, 1 failed, 1 errors, 3 skipped" in result.stdout
+    assert "6 cases: 1 passed, 1 failed, 1 error, 3 skipped" in result.stdout
     assert "Mismatched elements" not in result.stdout
     assert "wrote the junit report to reports/junit.xml" in result.stderr
 

@@ -93,13 +93,14 @@ def test_cli_only_settings_pass_through(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("table, message", [
     ("seeed = 1\n", "pyproject.toml:5: [tool.gradverify] unknown key 'seeed' (expected one of paths, shapes"),
-    ("\nseed = 'one'\n", "pyproject.toml:6: [tool.gradverify] seed: expected a non-negative integer, "
-                         "found the string 'one'"),
+    ("\nseed = 'one'\n", "pyproject.toml:6: [tool.gradverify] seed: expected a non-negative integer below"),
     ("dtypes = ['float128']\n", "[tool.gradverify] dtypes: expected one of float64"),
     ("shapes = ['2,a']\n", "[tool.gradverify] shapes: expected comma-separated sizes"),
     ("format = 'xml'\n", "[tool.gradverify] format: expected one of rich, plain, json"),
     ("[tool.gradverify.tolerances]\nfloat32 = {atol = 'big'}\n",
-     "[tool.gradverify] tolerances.float32.atol: expected a non-negative number"),
+     "[tool.gradverify] tolerances.float32.atol: expected a finite non-negative number"),
+    ("atol = nan\n", "[tool.gradverify] atol: expected a finite non-negative number"),
+    ("devices = ['tpu']\n", "[tool.gradverify] devices: expected cpu, cuda, cuda:N or mps, found 'tpu'"),
     ("seed = \n", "pyproject.toml:5:8: invalid TOML"),
 ])
 def test_pyproject_errors(tmp_path: Path, table: str, message: str) -> None:

@@ -594,3 +594,42 @@ def test_backward_zero_on_part_of_the_diagonal_is_named_not_crashed() -> None:
         jac = next(c for c in report.cases[0].checks if c.name == "jacobian")
         (diagnosis,) = jac.diagnoses
         assert diagnosis.kind == "zero_grad" and "diagonal entries" in diagnosis.message, diagnosis
+
+
+def test_backward_returning_a_list_or_writing_into_grad_output_and_forward_exiting() -> None:
+    import sys
+
+    class ReturnsList(Fn):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return [2 * g]
+
+    class WritesGradOutput(Fn):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 3
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.mul_(3)
+
+    class Exits(Fn):
+        @staticmethod
+        def forward(ctx, x):
+            sys.exit(0)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    listed = gradverify.verify(ReturnsList, rand(3))
+    count = next(c for c in listed.cases[0].checks if c.name == "grad_count")
+    assert count.status is Status.FAILED and "returned a list" in count.message
+    wrote = gradverify.verify(WritesGradOutput, rand(3))
+    assert "grad_output_inplace" in failed_checks(wrote)
+    exits = gradverify.verify(Exits, rand(3))
+    assert exits.cases[0].status is Status.ERROR and "SystemExit" in exits.cases[0].checks[0].message

@@ -11,7 +11,8 @@ from rich.text import Text
 
 from gradverify.report import CaseResult, CheckResult, Heatmap, Mismatch, Report, Status, format_index
 
-CONTRACT_CHECKS = ("inplace", "grad_count", "grad_meta", "finite", "determinism", "linearity")
+CONTRACT_CHECKS = ("inplace", "grad_count", "grad_meta", "grad_output_inplace", "finite", "determinism",
+                   "linearity")
 
 STATUS_STYLE = {
     Status.PASSED: ("PASS", "bold green"),
