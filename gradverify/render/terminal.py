@@ -189,10 +189,11 @@ def footer(report: Report) -> str:
     for case in report.cases:
         counts[case.status] = counts.get(case.status, 0) + 1
     order = (Status.PASSED, Status.FAILED, Status.ERROR, Status.SKIPPED, Status.XFAIL, Status.XPASS)
-    words = {Status.PASSED: "passed", Status.FAILED: "failed", Status.ERROR: "errors", Status.SKIPPED: "skipped",
-             Status.XFAIL: "expected failures", Status.XPASS: "unexpectedly passed"}
-    parts = [f"{counts[s]} {words[s].removesuffix('s') if s is Status.ERROR and counts[s] == 1 else words[s]}"
-             for s in order if counts.get(s)]
+    words = {Status.PASSED: ("passed", "passed"), Status.FAILED: ("failed", "failed"),
+             Status.ERROR: ("error", "errors"), Status.SKIPPED: ("skipped", "skipped"),
+             Status.XFAIL: ("expected failure", "expected failures"),
+             Status.XPASS: ("unexpectedly passed", "unexpectedly passed")}
+    parts = [f"{counts[s]} {words[s][0] if counts[s] == 1 else words[s][1]}" for s in order if counts.get(s)]
     n = len(report.cases)
     return f"{n} case{'s' if n != 1 else ''}: " + (", ".join(parts) if parts else "nothing ran")
 
