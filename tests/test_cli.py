@@ -193,3 +193,10 @@ def test_spec_mistakes_in_declarations_exit_2_with_the_line(write_spec) -> None:
     result = run_cli("check", str(path))
     assert result.code == 2
     assert f"{path}:4" in result.stderr and "domain 'posit'" in result.stderr
+
+
+def test_version() -> None:
+    import gradverify
+
+    result = run_cli("--version")
+    assert result.code == 0 and result.stdout.strip() == f"gradverify {gradverify.__version__}"
