@@ -170,6 +170,18 @@ def mismatches_of(block: BlockComparison, cap: int) -> tuple[list[Mismatch], int
     return result, count
 
 
+def all_mismatches(blocks: list[BlockComparison], cap: int) -> tuple[list[Mismatch], int]:
+    """Every block's mismatched entries, worst first over all blocks (at most `cap`), and their count."""
+    found: list[Mismatch] = []
+    count = 0
+    for block in blocks:
+        entries, n = mismatches_of(block, cap)
+        found.extend(entries)
+        count += n
+    found.sort(key=lambda m: -m.abs_err if m.abs_err == m.abs_err else float("-inf"))
+    return found[:cap], count
+
+
 def _real(value: torch.Tensor) -> float:
     return float(value.real) if value.is_complex() else float(value)
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 import torch.autograd.forward_ad as fwad
 
-from gradverify.compare import compare_block, heatmap_of, mismatches_of, tolerance_for
+from gradverify.compare import all_mismatches, compare_block, heatmap_of, tolerance_for
 from gradverify.diagnose import diagnose
 from gradverify.jacobian import as_tuple, clone_args
 from gradverify.report import CheckResult, Diagnosis, Status
@@ -56,13 +56,7 @@ def forward_mode_check(function: type, args: Sequence[Any], diff_positions: Sequ
     blocks = [compare_block(o, p, out_names[o], input_names[p], truth[(o, p)].dim() - args[p].dim(), a, truth[(o, p)],
                             truth_bars[(o, p)] if truth_bars else None, tolerance)
               for (o, p), a in analytic.items()]
-    mismatches = []
-    count = 0
-    for block in blocks:
-        found, n = mismatches_of(block, mismatch_cap)
-        mismatches.extend(found)
-        count += n
-    mismatches.sort(key=lambda m: -m.abs_err)
+    mismatches, count = all_mismatches(blocks, mismatch_cap)
     total = sum(b.truth.numel() for b in blocks)
     max_err = max((b.max_abs_err for b in blocks), default=0.0)
     if not count:

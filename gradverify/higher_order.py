@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gradverify.compare import compare_block, heatmap_of, mismatches_of, tolerance_for
+from gradverify.compare import all_mismatches, compare_block, heatmap_of, tolerance_for
 from gradverify.diagnose import diagnose
 from gradverify.jacobian import (UserCodeError, as_tuple, clone_args, is_differentiable_output, jacobian_by_vjp,
                                  numerical_jacobian)
@@ -109,13 +109,7 @@ def second_order_check(function: type, args: Sequence[Any], values64: Sequence[A
         t = numerical.blocks[(o, p)]
         blocks.append(compare_block(o, p, names[o], input_names[p], t.dim() - values64[p].dim(), a, t,
                                     numerical.error_bars[(o, p)], tolerance, kinks=numerical.kinks[(o, p)]))
-    mismatches = []
-    count = 0
-    for block in blocks:
-        found, n = mismatches_of(block, mismatch_cap)
-        mismatches.extend(found)
-        count += n
-    mismatches.sort(key=lambda m: -m.abs_err)
+    mismatches, count = all_mismatches(blocks, mismatch_cap)
     total = sum(b.truth.numel() for b in blocks)
     if not count:
         return CheckResult(name="second_order", status=Status.PASSED, message=f"all {total} second-order entries match",

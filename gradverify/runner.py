@@ -15,7 +15,7 @@ import torch
 from gradverify.cases import Case, case_settings, input_values
 from gradverify.complex_view import complex_positions, real_view_case
 from gradverify.forward_mode import defines_jvp
-from gradverify.compare import (BlockComparison, compare_block, heatmap_of, mismatches_of,
+from gradverify.compare import (BlockComparison, all_mismatches, compare_block, heatmap_of,
                                 tolerance_for)
 from gradverify.config import Settings
 from gradverify.contracts import gradient_contracts, inplace_contract
@@ -275,14 +275,7 @@ def _jacobian_check_inner(case: Case, analytic: dict[tuple[int, int], torch.Tens
         blocks, differenced = cross_check_columns(blocks, analytic, truth.primary, truth.fd, tolerance, out_ndims)
     if source is not None:
         path, fallback_reason = source.path, source.fallback_reason
-    mismatches: list[Mismatch] = []
-    total_bad = 0
-    for block in blocks:
-        found, count = mismatches_of(block, settings.mismatch_cap)
-        mismatches.extend(found)
-        total_bad += count
-    mismatches.sort(key=lambda m: -m.abs_err if m.abs_err == m.abs_err else float("-inf"))
-    mismatches = mismatches[: settings.mismatch_cap]
+    mismatches, total_bad = all_mismatches(blocks, settings.mismatch_cap)
     diagnoses = diagnose(blocks)
     excused = sum(int(b.excused.sum()) for b in blocks)
     total = sum(b.truth.numel() for b in blocks)
