@@ -192,6 +192,24 @@ def test_varargs_forward_takes_one_tensor_per_shape_and_base_classes_are_not_ops
                 return (g,) * 3
         """)
     assert [op.name for op in load_spec(spec)] == ["Twice", "Sum"]
+    variant = write_spec("variant.py", """\
+        import torch
+
+        class Good(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return 2 * x
+
+            @staticmethod
+            def backward(ctx, g):
+                return 2 * g
+
+        class Buggy(Good):
+            @staticmethod
+            def backward(ctx, g):
+                return g
+        """)
+    assert [op.name for op in load_spec(variant)] == ["Good", "Buggy"]  # a complete parent is an op
     (three,) = collect_cases([spec], Settings(ops=("Sum",), shapes=(parse_shape_set("3;3;3"),)))
     assert [p.name for p in three.inputs] == ["xs[0]", "xs[1]", "xs[2]"]
     (one,) = collect_cases([spec], Settings(ops=("Sum",)))

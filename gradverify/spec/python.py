@@ -260,7 +260,25 @@ def load_python_spec(path: Path) -> list[OpSpec]:
             file=display,
         )
     found.sort(key=lambda item: item[0])
-    # A Function that another Function of the file derives from is a shared base, not an op.
+    # An abstract base that other Functions of the file derive from is not an op; a complete
+    # Function that a variant subclasses (a buggy copy overriding backward, say) still is.
     classes = [op.function for _, op in found]
     return [op for _, op in found
-            if not any(other is not op.function and issubclass(other, op.function) for other in classes)]
+            if not (_is_abstract(op.function)
+                    and any(other is not op.function and issubclass(other, op.function) for other in classes))]
+
+
+def _is_abstract(function: type) -> bool:
+    """No forward or backward of its own (beyond torch's), or one that raises NotImplementedError."""
+    for name in ("forward", "backward"):
+        owner = next((klass for klass in function.__mro__ if name in klass.__dict__), None)
+        if owner is None or owner.__module__.split(".")[0] == "torch":
+            return True
+        method = owner.__dict__[name]
+        try:
+            source = inspect.getsource(getattr(method, "__func__", method))
+        except (OSError, TypeError):
+            continue
+        if "raise NotImplementedError" in source:
+            return True
+    return False
