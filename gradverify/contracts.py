@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import torch
 
-from gradverify.compare import Tolerance
 from gradverify.jacobian import ForwardRun, as_tuple
 from gradverify.report import CheckResult, Diagnosis, Status
 
@@ -98,7 +97,6 @@ def gradient_contracts(
     run: ForwardRun,
     args_before: Sequence[Any],
     input_names: Sequence[str],
-    tolerance: Tolerance,
     *,
     seed: int,
     nondet_tol: float,

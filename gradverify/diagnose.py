@@ -272,7 +272,6 @@ def _pin(ndim: int, dim: int, value: int, size: int) -> str:
 def swapped_inputs(blocks: Sequence[BlockComparison]) -> list[Diagnosis]:
     """The gradient for input i matches the truth of input j and vice versa: returned in the wrong order."""
     found: list[Diagnosis] = []
-    by_key = {(b.out_pos, b.in_pos): b for b in blocks}
     seen: set[tuple[int, int]] = set()
     for b in blocks:
         for c in blocks:
@@ -294,7 +293,6 @@ def swapped_inputs(blocks: Sequence[BlockComparison]) -> list[Diagnosis]:
                     output=b.out_name, input=f"{b.in_name},{c.in_name}",
                     evidence="both blocks fit the other input's truth at every entry",
                     hint=f"return the gradients in forward's argument order ({b.in_name}, {c.in_name})"))
-    _ = by_key
     return found
 
 

@@ -442,8 +442,7 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
                                           "or marked non-differentiable)",
                                   diagnoses=(Diagnosis("zero_grad", "forward returns no differentiable output"),)))
         return _finish(case, base, checks, notes, settings)
-    tolerance = tolerance_for(case.dtype, settings.atol, settings.rtol)
-    contract_checks = gradient_contracts(function, run, args, input_names, tolerance, seed=case.seed,
+    contract_checks = gradient_contracts(function, run, args, input_names, seed=case.seed,
                                          nondet_tol=settings.nondet_tol)
     for check in contract_checks:
         if check.status is Status.ERROR and check.name == "backward":
