@@ -1,4 +1,4 @@
-"""The library core the CLI is a thin layer over: paths or a Function in, a Report out."""
+"""The library core the CLI is a thin layer over: paths or an op in, a Report out."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from gradverify.spec import load_path
 from gradverify.spec.model import InputSpec, OpSpec
 
 ProgressCallback = Callable[[CaseResult, int, int], None]
+# (case index, case title, phase) while a case runs: what is being checked right now.
+PhaseCallback = Callable[[int, str, str], None]
 
 
-def collect_cases(paths: Sequence[Path], settings: Settings) -> list[Case]:
-    """Load every spec and expand it into cases; spec errors raise SpecError (exit 2)."""
-    cases: list[Case] = []
+def collect_ops(paths: Sequence[Path], settings: Settings) -> list[OpSpec]:
+    """Every op the spec paths describe (filtered by --op); spec errors raise SpecError (exit 2)."""
+    selected_ops: list[OpSpec] = []
     for path in paths:
         for file, ops in load_path(Path(path)):
             if settings.ops:
@@ -26,17 +28,39 @@ def collect_cases(paths: Sequence[Path], settings: Settings) -> list[Case]:
                 # With several files, an --op may live in another one; only complain about a
                 # single file, or when no file at all has it (checked below).
                 if missing and len(paths) == 1 and not Path(path).is_dir():
-                    raise SpecError(f"no Function named {missing[0]!r} in this file "
-                                    f"(found: {', '.join(sorted(known))})", file=str(file))
+                    from gradverify.config import did_you_mean
+
+                    raise SpecError(f"no op named {missing[0]!r} in this file (found: {', '.join(sorted(known))})"
+                                    + did_you_mean(missing[0], known), file=str(file))
                 ops = [op for op in ops if op.name in settings.ops]
-            for op in ops:
-                cases.extend(expand_cases(op, settings))
-    if settings.ops and not cases:
-        raise SpecError(f"no Function named {settings.ops[0]!r} in the given specs")
+            selected_ops.extend(ops)
+    if settings.ops and not selected_ops:
+        raise SpecError(f"no op named {settings.ops[0]!r} in the given specs")
+    if settings.args:
+        params = {p.name for op in selected_ops for p in op.params}
+        unknown = [name for name, _ in settings.args if name not in params]
+        if unknown:
+            raise UsageError(f"--arg {unknown[0]}=...: no op in the given specs has a parameter {unknown[0]!r} "
+                             f"(they have: {', '.join(sorted(params)) or 'none'})")
+    if settings.input_domains:
+        tensors = {p.name for op in selected_ops for p in op.params}
+        unknown = [name for name, _ in settings.input_domains if name not in tensors]
+        if unknown:
+            raise UsageError(f"--domain {unknown[0]}=...: no op in the given specs has an input {unknown[0]!r}")
+    return selected_ops
+
+
+def collect_cases(paths: Sequence[Path], settings: Settings) -> list[Case]:
+    """Load every spec and expand it into cases."""
+    cases: list[Case] = []
+    for op in collect_ops(paths, settings):
+        cases.extend(expand_cases(op, settings))
     return cases
 
 
-def run_cases(cases: Iterable[Case], settings: Settings, progress: ProgressCallback | None = None) -> Report:
+def run_cases(cases: Iterable[Case], settings: Settings, progress: ProgressCallback | None = None,
+              phase: PhaseCallback | None = None) -> Report:
+    """Every case in this process, in order."""
     from gradverify.runner import run_case
 
     case_list = list(cases)
@@ -47,7 +71,8 @@ def run_cases(cases: Iterable[Case], settings: Settings, progress: ProgressCallb
         return Report(cases=tuple(run_parallel(case_list, settings, min(settings.jobs, len(case_list)), progress)))
     results: list[CaseResult] = []
     for k, case in enumerate(case_list):
-        result = run_case(case, settings)
+        on_phase = (lambda name, k=k, case=case: phase(k, case.op.name, name)) if phase else None
+        result = run_case(case, settings, progress=on_phase)
         results.append(result)
         if progress is not None:
             progress(result, k + 1, len(case_list))
@@ -56,77 +81,114 @@ def run_cases(cases: Iterable[Case], settings: Settings, progress: ProgressCallb
 
 def check_paths(paths: Sequence[Path | str], settings: Settings | None = None,
                 progress: ProgressCallback | None = None) -> Report:
-    """What `gradverify check PATH...` does, minus the rendering."""
+    """What `gradverify check PATH...` does, minus the rendering (in this process)."""
     settings = settings or Settings()
     cases = collect_cases([Path(p) for p in paths], settings)
     return run_cases(cases, settings, progress)
 
 
-def verify(fn: Any, *inputs: Any, **options: Any) -> Report:
-    """Check a custom autograd Function at the given inputs; returns the same Report the CLI renders.
+VERIFY_OPTIONS = ("atol", "rtol", "gradcheck", "seed", "nondet_tol", "max_entries", "mismatch_cap", "reference",
+                  "order", "forward_ad", "max_memory", "mode", "checks", "skip_checks", "strict", "surrogate",
+                  "expect_failure", "name", "domains")
 
-        report = gradverify.verify(MyFunc, x, w)
+
+def verify(fn: Any, *inputs: Any, **kwargs: Any) -> Report:
+    """Check an op at the given inputs; returns the same Report the CLI renders.
+
+        report = gradverify.verify(MyFunc, x, w)                  # a torch.autograd.Function
+        report = gradverify.verify(my_custom_op, x, 3, dims=[0])  # a custom op, plain arguments
+        report = gradverify.verify(my_wrapper, x)                 # any differentiable callable
         assert report.ok, gradverify.explain(report)
 
-    fn: the Function class (or its `.apply`). inputs: forward's arguments. Floating tensors are
-    differentiated if they require grad (or, when none does, all of them). The caller's tensors
-    are never modified: every call works on copies.
-    options: atol, rtol, gradcheck ('fast'|'slow'|'off'), seed, nondet_tol, max_entries, order (2 checks
-    the double backward), forward_ad (check a defined jvp; default True), reference (a plain function).
+    fn: the op (a Function class or its `.apply`, a torch.library custom op, a torch.ops
+    overload, any callable). inputs (and keyword arguments): its arguments. Floating tensors
+    are differentiated if they require grad (or, when none does, all of them); integer/bool
+    tensors and plain values are passed as they are. The caller's tensors are never modified.
+
+    Options (keyword arguments with these names are options, not the op's arguments): atol,
+    rtol, gradcheck ('fast'|'slow'|'off'), seed, nondet_tol, order (2 checks the double backward),
+    forward_ad, mode, max_memory, checks / skip_checks (names of checks), strict, reference (a
+    plain function computing the same), surrogate / expect_failure (declared mismatches), name,
+    domains ({input name: domain}, e.g. {"a": "spd"}: compare along that domain's perturbations).
     """
     import torch
 
+    from gradverify.cases import Case
+    from gradverify.config import validate_options
     from gradverify.runner import run_case
-    from gradverify.spec.python import op_from_function
+    from gradverify.spec.python import op_spec
 
-    function = getattr(fn, "__self__", fn)
-    if not (isinstance(function, type) and issubclass(function, torch.autograd.Function)):
-        raise UsageError(f"verify() expects a torch.autograd.Function subclass, got {fn!r}")
-    known = {"atol", "rtol", "gradcheck", "seed", "nondet_tol", "max_entries", "mismatch_cap", "reference",
-             "order", "forward_ad", "max_memory", "mode"}
-    unknown = set(options) - known
-    if unknown:
-        raise UsageError(f"verify(): unknown option {sorted(unknown)[0]!r} (expected one of {', '.join(sorted(known))})")
-    import math
-
-    for name in ("atol", "rtol", "nondet_tol"):
-        value = options.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
-            raise UsageError(f"verify(): {name} must be a finite non-negative number, got {value!r}")
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in VERIFY_OPTIONS}
     reference = options.pop("reference", None)
-    settings = Settings(**{k: v for k, v in options.items()})
+    surrogate = options.pop("surrogate", None)
+    expect_failure = options.pop("expect_failure", None)
+    name = options.pop("name", None)
+    domains = dict(options.pop("domains", None) or {})
+    settings = validate_options(options, where="verify()")
     try:
-        import inspect
-
-        file = inspect.getsourcefile(function) or "<unknown>"
-    except (TypeError, OSError):
-        file = "<unknown>"
-    op = op_from_function(function, file)
+        file = _source_file(fn)
+        op = op_spec(fn, file, name=name)
+    except SpecError as exc:
+        raise UsageError(f"verify(): {exc.message}") from None
+    changes: dict[str, Any] = {}
     if reference is not None:
-        op = OpSpec(**{**op.__dict__, "reference": reference})
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        changes["reference"] = reference
+    if surrogate:
+        changes["surrogate"] = surrogate if isinstance(surrogate, str) else "declared a surrogate gradient"
+    if expect_failure:
+        changes["expect_failure"] = str(expect_failure)
+    if changes:
+        op = OpSpec(**{**op.__dict__, **changes})
+    tensors = [x for x in (*inputs, *kwargs.values()) if isinstance(x, torch.Tensor)]
     floating = [x for x in tensors if x.is_floating_point() or x.is_complex()]
     any_requires = any(x.requires_grad for x in floating)
+    params = [p for p in op.params if not p.keyword]
+    names = [p.name for p in params] + [f"arg{k}" for k in range(len(params), len(inputs))]
+    for key in kwargs:
+        if key not in {p.name for p in op.params}:
+            raise UsageError(f"verify(): {op.name} has no parameter {key!r} (options are: "
+                             f"{', '.join(VERIFY_OPTIONS)})")
     specs: list[InputSpec] = []
-    names = [p.name for p in op.params] + [f"arg{k}" for k in range(len(op.params), len(inputs))]
-    for k, value in enumerate(inputs):
-        name = names[k]
+    values: list[Any] = []
+    items = [(names[k], value, False) for k, value in enumerate(inputs)] + [(k, v, True) for k, v in kwargs.items()]
+    for param_name, value, keyword in items:
         if isinstance(value, torch.Tensor):
-            needs = (value.is_floating_point() or value.is_complex()) and (value.requires_grad or not any_requires)
-            specs.append(InputSpec(name=name, shape=tuple(value.shape), requires_grad=needs))
+            floating_tensor = value.is_floating_point() or value.is_complex()
+            needs = floating_tensor and (value.requires_grad or not any_requires)
+            dtype = None if floating_tensor else str(value.dtype).removeprefix("torch.")
+            specs.append(InputSpec(name=param_name, shape=tuple(value.shape), requires_grad=needs, dtype=dtype,
+                                   keyword=keyword, domain=domains.get(param_name)))
+            # float64 CPU copies of the caller's values: the truth is computed at exactly these.
+            if floating_tensor:
+                values.append(value.detach().to("cpu").to(torch.complex128 if value.is_complex() else torch.float64))
+            else:
+                values.append(value.detach().clone())
         else:
-            specs.append(InputSpec(name=name, is_tensor=False, value=value, has_value=True))
+            specs.append(InputSpec(name=param_name, is_tensor=False, value=value, has_value=True, keyword=keyword))
+            values.append(value)
     dtype = str(floating[0].dtype).removeprefix("torch.") if floating else "float64"
     device = str(floating[0].device) if floating else "cpu"
     parse_dtype(dtype)
     case = Case(op=op, inputs=tuple(specs), dtype=dtype, device=device, seed=settings.seed,
                 shape_source="library call")
-    # float64 CPU copies of the caller's values: the truth is computed at exactly these values.
-    values = [x.detach().to("cpu").to(torch.complex128 if x.is_complex() else torch.float64)
-              if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-              else (x.detach().clone() if isinstance(x, torch.Tensor) else x) for x in inputs]
-    return Report(cases=(run_case(case, settings, values=values),))
+    result = run_case(case, settings, values=values)
+    return Report(cases=(result,))
+
+
+def _source_file(fn: Any) -> str:
+    import inspect
+
+    target = getattr(fn, "__self__", fn)
+    for candidate in (target, getattr(target, "_init_fn", None), getattr(target, "func", None)):
+        if candidate is None:
+            continue
+        try:
+            found = inspect.getsourcefile(inspect.unwrap(candidate) if callable(candidate) else candidate)
+        except (TypeError, OSError):
+            found = None
+        if found:
+            return found
+    return "<unknown>"
 
 
 def explain(report: Report) -> str:

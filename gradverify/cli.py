@@ -60,8 +60,15 @@ def check(
                                     "Repeat to sweep."),
     device: List[str] = typer.Option([], "--device", help="cpu (default), cuda, cuda:N, mps. Repeat to sweep."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every input (reproducible; default 0)."),
-    domain: Optional[str] = typer.Option(None, "--domain", help="Input values: any, positive, negative, "
-                                         "nonzero, unit, probability."),
+    domain: List[str] = typer.Option([], "--domain", help="Input values: any, positive, negative, nonzero, "
+                                     "unit, probability, spd, symmetric, simplex, unit_norm, distinct, one_hot, "
+                                     "or module:function; NAME=DOMAIN for one input. Repeatable."),
+    arg: List[str] = typer.Option([], "--arg", help="A plain value for one of the op's parameters, NAME=VALUE in "
+                                  "Python literal syntax (--arg dim=1 --arg eps=1e-5). Repeatable."),
+    check_names: List[str] = typer.Option([], "--check", help="Also run this optional check. Repeatable."),
+    skip_check: List[str] = typer.Option([], "--skip-check", help="Do not run this check. Repeatable."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Warnings (findings the autograd "
+                                          "engine repairs, entries not judged) fail the run."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default per dtype)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default per dtype)."),
     gradcheck: Optional[str] = typer.Option(None, "--gradcheck", help="torch's own gradcheck: fast (default), "
@@ -104,8 +111,11 @@ def check(
     if retries < 0:
         _fail(f"--retries {retries}: expected 0 or more", EXIT_USAGE)
     # Precedence: these flags > GRADVERIFY_* variables > [tool.gradverify] in pyproject.toml > defaults.
+    all_domain, per_input = _domains(domain)
     settings = _resolve_or_exit({
-        "shapes": shape, "dtypes": dtype, "devices": device, "seed": seed, "domain": domain, "atol": atol,
+        "shapes": shape, "dtypes": dtype, "devices": device, "seed": seed, "domain": all_domain,
+        "input_domains": per_input, "args": _args(arg), "add_checks": _check_list(check_names, "--check"),
+        "skip_checks": _check_list(skip_check, "--skip-check"), "strict": strict, "atol": atol,
         "rtol": rtol, "gradcheck": gradcheck, "ops": op, "max_entries": max_entries, "nondet_tol": nondet_tol,
         "require_device": require_device, "retries": retries,
         "order": order if order != 1 else None,  # 1 is the flag's default: let a spec's `checks` decide
@@ -152,6 +162,55 @@ def check(
     _emit(report, fmt, full, outputs, settings.max_entries)
     code = report.exit_code
     raise typer.Exit(0 if exit_zero and code == EXIT_FAILED else code)
+
+
+def _domains(values: List[str]) -> tuple[Optional[str], tuple[tuple[str, str], ...]]:
+    """--domain DOMAIN (every input) and --domain NAME=DOMAIN (one input)."""
+    from gradverify.cases import check_domain
+    from gradverify.errors import UsageError
+
+    every: Optional[str] = None
+    per_input: list[tuple[str, str]] = []
+    try:
+        for value in values:
+            name, sep, domain_name = value.partition("=")
+            if sep:
+                per_input.append((name.strip(), check_domain(domain_name.strip())))
+            else:
+                every = check_domain(value.strip())
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    return every, tuple(per_input)
+
+
+def _args(values: List[str]) -> tuple[tuple[str, object], ...]:
+    """--arg NAME=VALUE, VALUE read as a Python literal (1, 1e-5, [0, 1], True, None, 'mean');
+    anything that is not a literal is taken as a string."""
+    import ast
+
+    parsed: list[tuple[str, object]] = []
+    for value in values:
+        name, sep, text = value.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            _fail(f"--arg {value!r}: expected NAME=VALUE, e.g. --arg dim=1", EXIT_USAGE)
+        try:
+            literal: object = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            literal = text.strip()
+        parsed.append((name, literal))
+    return tuple(parsed)
+
+
+def _check_list(values: List[str], flag: str) -> tuple[str, ...]:
+    from gradverify.checks import check_names
+    from gradverify.config import did_you_mean
+
+    names = check_names()
+    for value in values:
+        if value not in names:
+            _fail(f"{flag} {value!r}: expected one of {', '.join(names)}" + did_you_mean(value, names), EXIT_USAGE)
+    return tuple(values)
 
 
 def _usage(message: str) -> Exception:

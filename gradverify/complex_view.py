@@ -13,74 +13,81 @@ In reports the last index of such an entry is 0 for the real part and 1 for the 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 
-from gradverify.cases import Case
-from gradverify.jacobian import StandInCtx, as_tuple
+from gradverify.ops.base import Op, RawBackward, as_tuple
 from gradverify.spec.model import InputSpec
-from gradverify.spec.python import uses_setup_context
+from gradverify.usercode import boundary
 
 REAL_OF = {"complex128": "float64", "complex64": "float32"}
 
 
-def _to_complex(args: Sequence[Any], positions: frozenset[int]) -> list[Any]:
-    return [torch.view_as_complex(a.contiguous()) if k in positions else a for k, a in enumerate(args)]
+def _to_complex(value: Any) -> Any:
+    return torch.view_as_complex(value.contiguous()) if isinstance(value, torch.Tensor) and \
+        value.dim() and value.shape[-1] == 2 and value.is_floating_point() else value
 
 
 def _to_real(outputs: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(torch.view_as_real(o) if isinstance(o, torch.Tensor) and o.is_complex() else o for o in outputs)
 
 
-def real_view_function(function: type, positions: frozenset[int]) -> type:
-    """An object with `apply` and `forward` like the Function, over real views of complex args."""
+class RealViewOp:
+    """Any op, with the complex tensors among its arguments and outputs seen as real views."""
 
-    def apply(*args: Any) -> tuple[Any, ...]:
-        return _to_real(as_tuple(function.apply(*_to_complex(args, positions))))
+    def __init__(self, inner: Op, positional: frozenset[int], keywords: frozenset[str]) -> None:
+        self.inner = inner
+        self.positional = positional
+        self.keywords = keywords
+        self.name = inner.name
+        self.kind = inner.kind
+        self.target = inner.target
+        self.file = inner.file
+        self.line = inner.line
+        self.backward_line = inner.backward_line
+        self.body_description = inner.body_description
 
-    def forward(*args: Any) -> tuple[Any, ...]:
-        call = _to_complex(args, positions)
-        if uses_setup_context(function):
-            return _to_real(as_tuple(function.forward(*call)))
-        needs = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in call)
-        return _to_real(as_tuple(function.forward(StandInCtx(needs), *call)))
+    def _convert(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        return ([_to_complex(a) if k in self.positional else a for k, a in enumerate(args)],
+                {k: _to_complex(v) if k in self.keywords else v for k, v in kwargs.items()})
 
-    # Plain staticmethods: uses_setup_context() reads "no ctx", so the reference calls forward(*args).
-    return type(f"{function.__name__}RealView", (), {"apply": staticmethod(apply), "forward": staticmethod(forward),
-                                                     "__module__": function.__module__})
+    def params(self) -> tuple[InputSpec, ...]:
+        return self.inner.params()
 
+    @boundary
+    def call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        a, k = self._convert(args, kwargs)
+        return _to_real(as_tuple(self.inner.call(a, k)))
 
-def _real_view_reference(reference: Callable[..., Any] | None,
-                         positions: frozenset[int]) -> Callable[..., Any] | None:
-    if reference is None:
+    def body(self, device: str = "cpu") -> Callable[..., Any] | None:
+        body = self.inner.body(device)
+        if body is None:
+            return None
+
+        @boundary
+        def run(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+            a, k = self._convert(args, kwargs)
+            return _to_real(as_tuple(body(*a, **k)))
+
+        return run
+
+    def raw_backward(self, outputs: Sequence[Any], n_inputs: int) -> RawBackward | None:
         return None
 
-    def wrapped(*args: Any) -> tuple[Any, ...]:
-        return _to_real(as_tuple(reference(*_to_complex(args, positions))))
+    def defines_jvp(self) -> bool:
+        return False
 
-    return wrapped
+    def once_differentiable(self) -> bool:
+        return self.inner.once_differentiable()
+
+    def has_backward(self) -> bool:
+        return self.inner.has_backward()
 
 
 def complex_positions(args: Sequence[Any]) -> frozenset[int]:
     return frozenset(k for k, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_complex())
 
 
-def real_view_case(case: Case, values64: Sequence[Any], args: Sequence[Any],
-                   positions: frozenset[int]) -> tuple[Case, list[Any], list[Any]]:
-    """The same case as a real function: the adapter op, real dtype, shapes with a trailing 2."""
-    op = replace(case.op, function=real_view_function(case.op.function, positions),
-                 reference=_real_view_reference(case.op.reference, positions))
-    inputs = tuple(replace(p, shape=(*(p.shape or ()), 2)) if k in positions else p
-                   for k, p in enumerate(case.inputs))
-    real_case = replace(case, op=op, inputs=inputs, dtype=REAL_OF.get(case.dtype, case.dtype))
-
-    def view(values: Sequence[Any]) -> list[Any]:
-        return [torch.view_as_real(v.detach().clone()).clone() if k in positions else v
-                for k, v in enumerate(values)]
-
-    return real_case, view(values64), view(args)
-
-
-__all__ = ["complex_positions", "real_view_case", "real_view_function", "InputSpec"]
+def real_view(values: Sequence[Any], positions: frozenset[int]) -> list[Any]:
+    return [torch.view_as_real(v.detach().clone()).clone() if k in positions else v for k, v in enumerate(values)]

@@ -51,6 +51,19 @@ class Settings:
     jobs: int = 1
     # Check the forward-mode jvp when the Function defines one.
     forward_ad: bool = True
+    # --arg NAME=VALUE: plain values for the op's parameters, by name.
+    args: tuple[tuple[str, Any], ...] = ()
+    # --domain NAME=DOMAIN: one input's domain (beats `domain`, which applies to every input).
+    input_domains: tuple[tuple[str, str], ...] = ()
+    # The exact list of optional checks (pyproject's `checks`); None: each check's default.
+    checks: tuple[str, ...] | None = None
+    # --check NAME / --skip-check NAME: added to / removed from the checks that run.
+    add_checks: tuple[str, ...] = ()
+    skip_checks: tuple[str, ...] = ()
+    # Warnings (findings the autograd engine repairs, entries not judged) fail the run.
+    strict: bool = False
+    # Seconds one case may run before it is stopped and reported (CLI runs only).
+    timeout: float = 120.0
     # (dtype, atol, rtol) defaults for one dtype (pyproject's [tool.gradverify.tolerances]).
     dtype_tolerances: tuple[tuple[str, float | None, float | None], ...] = ()
     # Spec paths to check when the command line names none (pyproject's `paths`).
@@ -100,6 +113,21 @@ def parse_shape_set(text: str) -> ShapeSet:
     return tuple(shapes)
 
 
+def validate_tolerance(value: Any, label: str, error: type[Exception] = UsageError) -> float:
+    """A tolerance: a finite, non-negative number (NaN or inf would silently switch a check off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise error(f"{label}: expected a finite non-negative number, found {value!r}")
+    return float(value)
+
+
+def did_you_mean(text: str, choices: Any) -> str:
+    """' (did you mean 'float32'?)' for a near miss among `choices`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(text).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def parse_dtype(text: str) -> str:
     aliases = {"double": "float64", "float": "float32", "half": "float16", "f64": "float64",
                "f32": "float32", "f16": "float16", "bf16": "bfloat16", "cdouble": "complex128",
@@ -107,7 +135,7 @@ def parse_dtype(text: str) -> str:
     name = aliases.get(text.strip().lower(), text.strip().lower())
     name = name.removeprefix("torch.")
     if name not in DTYPES:
-        raise UsageError(f"--dtype {text!r}: expected one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {text!r}: expected one of {', '.join(DTYPES)}" + did_you_mean(name, DTYPES))
     return name
 
 
@@ -384,3 +412,59 @@ def resolve_settings(cli: Mapping[str, Any], start: Path, environ: Mapping[str, 
     if configured is not None:
         extra["config_file"] = str(pyproject)
     return Settings(**values, explicit=frozenset(_FIELD_OF.get(k, k) for k in explicit), extra=extra)
+
+
+MODES = ("auto", "full", "fast")
+SEED_LIMIT = 2**63 // 1_000_003
+
+
+def validate_options(options: Mapping[str, Any], where: str) -> Settings:
+    """Settings from library keyword options (verify(), the pytest fixture), each validated as
+    its command-line flag is: the same value is accepted or rejected everywhere."""
+    from gradverify.checks import check_names
+
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        label = f"{where}: {name}"
+        if name in ("atol", "rtol", "nondet_tol"):
+            values[name] = validate_tolerance(value, label)
+        elif name == "gradcheck":
+            if value not in GRADCHECK_MODES:
+                raise UsageError(f"{label}: expected one of {', '.join(GRADCHECK_MODES)}, found {value!r}"
+                                 + did_you_mean(str(value), GRADCHECK_MODES))
+            values[name] = value
+        elif name == "mode":
+            if value not in MODES:
+                raise UsageError(f"{label}: expected one of {', '.join(MODES)}, found {value!r}"
+                                 + did_you_mean(str(value), MODES))
+            values[name] = value
+        elif name == "seed":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+                raise UsageError(f"{label}: expected an integer in [0, {SEED_LIMIT}), found {value!r}")
+            values[name] = value
+        elif name == "order":
+            if value not in (1, 2) or isinstance(value, bool):
+                raise UsageError(f"{label}: expected 1 (gradients) or 2 (also the double backward), found {value!r}")
+            values[name] = value
+        elif name in ("max_entries", "mismatch_cap"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_entries" else 1):
+                raise UsageError(f"{label}: expected a non-negative integer, found {value!r}")
+            values[name] = value
+        elif name == "max_memory":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2**20:
+                raise UsageError(f"{label}: expected a number of bytes of at least 1 MiB, found {value!r}")
+            values[name] = value
+        elif name in ("forward_ad", "strict"):
+            if not isinstance(value, bool):
+                raise UsageError(f"{label}: expected True or False, found {value!r}")
+            values[name] = value
+        elif name in ("checks", "skip_checks"):
+            items = (value,) if isinstance(value, str) else tuple(value or ())
+            for item in items:
+                if item not in check_names():
+                    raise UsageError(f"{label}: expected check names ({', '.join(check_names())}), found {item!r}"
+                                     + did_you_mean(str(item), check_names()))
+            values["add_checks" if name == "checks" else "skip_checks"] = items
+        else:
+            raise UsageError(f"{where}: unknown option {name!r}")
+    return Settings(**values)

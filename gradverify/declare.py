@@ -1,4 +1,4 @@
-"""The small public API a spec file uses to say how its Functions should be checked.
+"""The small public API a spec file uses to say how its ops should be checked.
 
     import gradverify as gv
 
@@ -6,33 +6,51 @@
     class ColumnNormalize(torch.autograd.Function):
         ...
 
-Stack several `@gv.check(...)` to declare several calls (e.g. with and without bias).
-The decorator only records the declaration on the class and returns it unchanged, so the
-Function behaves exactly as before when the file is imported by anything else.
+    @gv.check(inputs={"logits": gv.tensor(4, 5), "label": gv.tensor(4, dtype="int64", high=5), "smoothing": 0.1})
+    def smoothed_ce(logits, label, smoothing):   # any differentiable callable, or a custom op
+        return SmoothedCE.apply(logits, label, smoothing)
+
+Stack several `@gv.check(...)` to declare several calls (e.g. with and without bias). The
+decorator only records the declaration and returns the object unchanged, so the op behaves
+exactly as before when the file is imported by anything else. An op defined elsewhere is
+declared in a spec by calling the decorator on it: `my_op = gv.check(inputs=...)(ops.my_op)`.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 DECLARATION_ATTR = "__gradverify_checks__"
 
-T = TypeVar("T", bound=type)
+T = TypeVar("T")
+
+# Declarations of objects that cannot carry an attribute (a builtin, an OpOverload), by identity.
+_REGISTRY: list[tuple[Any, tuple["Declaration", ...]]] = []
 
 
 @dataclass(frozen=True)
 class TensorArg:
-    """A tensor input to draw at random: its shape, value domain and whether it needs grad."""
+    """A tensor input to draw at random: shape, value domain, dtype, range, whether it needs grad.
+
+    dtype None follows the case's floating dtype; "int64"/"int32"/"bool" fix it (labels, indices,
+    masks: never differentiated). low/high: the range (integers: high exclusive, as torch.randint).
+    """
 
     shape: tuple[int, ...] | None = None
     domain: str | None = None
     requires_grad: bool = True
+    dtype: str | None = None
+    low: float | None = None
+    high: float | None = None
 
 
 @dataclass(frozen=True)
 class Declaration:
-    """One `@gradverify.check(...)` on a Function."""
+    """One `@gradverify.check(...)` on an op."""
 
     inputs: Mapping[str, Any] | None
     reference: Callable[..., Any] | None
@@ -42,21 +60,41 @@ class Declaration:
     rtol: float | None
     label: str
     line: int | None
+    file: str | None = None
+    name: str | None = None
+    checks: tuple[str, ...] = ()
 
 
-def tensor(*shape: int, domain: str | None = None, requires_grad: bool = True) -> TensorArg:
-    """Declare a tensor input: `gv.tensor(4, 3, domain="positive")`; no shape means 'from the CLI'."""
+def tensor(*shape: int, domain: str | None = None, requires_grad: bool = True, dtype: str | None = None,
+           low: float | None = None, high: float | None = None) -> TensorArg:
+    """Declare a tensor input: `gv.tensor(4, 3, domain="positive")`, `gv.tensor(8, dtype="int64", high=5)`;
+    no shape means 'from the command line'."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     for size in shape:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise TypeError(f"gradverify.tensor: sizes must be non-negative ints, got {shape!r}")
     if domain is not None:
-        from gradverify.cases import DOMAINS
+        from gradverify.domains import DOMAINS
 
-        if domain not in DOMAINS:
-            raise ValueError(f"gradverify.tensor: domain {domain!r} is not one of {', '.join(DOMAINS)}")
-    return TensorArg(shape=tuple(shape) if shape else None, domain=domain, requires_grad=requires_grad)
+        if domain not in DOMAINS and ":" not in domain:
+            raise ValueError(f"gradverify.tensor: domain {domain!r} is not one of {', '.join(DOMAINS)} "
+                             "(or 'module:function')")
+    if dtype is not None:
+        from gradverify.spec.model import FIXED_DTYPES
+
+        if dtype not in FIXED_DTYPES:
+            raise ValueError(f"gradverify.tensor: dtype {dtype!r} is not one of {', '.join(FIXED_DTYPES)}")
+    for label, value in (("low", low), ("high", high)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"gradverify.tensor: {label} must be a finite number, got {value!r}")
+    if low is not None and high is not None and high <= low:
+        raise ValueError(f"gradverify.tensor: high ({high}) must be above low ({low})")
+    fixed_int = dtype is not None and dtype != "bool" and not dtype.startswith(("float", "bfloat"))
+    return TensorArg(shape=tuple(shape) if shape else None, domain=domain,
+                     requires_grad=requires_grad and not fixed_int and dtype != "bool",
+                     dtype=dtype, low=low, high=high)
 
 
 def check(
@@ -68,26 +106,30 @@ def check(
     atol: float | None = None,
     rtol: float | None = None,
     label: str = "",
+    name: str | None = None,
+    checks: tuple[str, ...] | list[str] = (),
 ) -> Callable[[T], T]:
-    """Declare how to check a Function.
+    """Declare how to check an op (a Function class, a custom op, or any differentiable callable).
 
-    inputs: forward's arguments by name: `gv.tensor(...)` for tensors, plain values for the rest.
-    reference: a plain function computing the same as forward, used as an extra truth.
+    inputs: the op's arguments by name: `gv.tensor(...)` for tensors, plain values for the rest.
+    reference: a plain function computing the same as the op, used as an extra truth.
     surrogate: the backward is deliberately not the derivative (straight-through, gradient
         reversal): a mismatch is reported as expected, not as a failure. A string says why.
     expect_failure: a known bug kept visible: reported as 'expected failure' until fixed.
+    name: how the report names the op (default: its own name).
+    checks: the optional checks to run for this op (e.g. ["layout", "second_order"]).
     """
-    import inspect
-    import math
+    from gradverify.config import validate_tolerance
 
-    for label, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
-            raise ValueError(f"gradverify.check: {label} must be a finite non-negative number, got {value!r}")
+    for what, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None:
+            validate_tolerance(value, f"gradverify.check: {what}", error=ValueError)
     if surrogate and expect_failure:
         raise ValueError("gradverify.check: give surrogate or expect_failure, not both")
     frame = inspect.currentframe()
-    line = frame.f_back.f_lineno if frame is not None and frame.f_back is not None else None
+    caller = frame.f_back if frame is not None else None
+    line = caller.f_lineno if caller is not None else None
+    file = str(Path(caller.f_code.co_filename).resolve()) if caller is not None else None
     surrogate_reason: str | None
     if surrogate is True:
         surrogate_reason = "declared a surrogate gradient"
@@ -104,12 +146,37 @@ def check(
         rtol=rtol,
         label=label,
         line=line,
+        file=file,
+        name=name,
+        checks=tuple(checks),
     )
 
-    def decorate(cls: T) -> T:
-        existing = cls.__dict__.get(DECLARATION_ATTR, ())
+    def decorate(obj: T) -> T:
+        existing = declarations_of(obj, own=True)
         # Decorators apply bottom-up; keep the order the user reads them in.
-        setattr(cls, DECLARATION_ATTR, (declaration, *existing))
-        return cls
+        combined = (declaration, *existing)
+        try:
+            if inspect.isclass(obj):
+                type.__setattr__(obj, DECLARATION_ATTR, combined)
+            else:
+                setattr(obj, DECLARATION_ATTR, combined)
+        except (AttributeError, TypeError):
+            _REGISTRY[:] = [(o, d) for o, d in _REGISTRY if o is not obj]
+            _REGISTRY.append((obj, combined))
+        return obj
 
     return decorate
+
+
+def declarations_of(obj: Any, *, own: bool = True) -> tuple[Declaration, ...]:
+    """The declarations made on `obj` (for a class: on that class itself, not inherited)."""
+    if inspect.isclass(obj):
+        found = obj.__dict__.get(DECLARATION_ATTR, ()) if own else getattr(obj, DECLARATION_ATTR, ())
+    else:
+        found = getattr(obj, DECLARATION_ATTR, ())
+    if found:
+        return tuple(found)
+    for registered, decls in _REGISTRY:
+        if registered is obj:
+            return decls
+    return ()

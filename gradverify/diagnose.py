@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from gradverify.compare import BlockComparison, unravel
+from gradverify.numerics.blocks import BlockComparison, unravel
 from gradverify.report import Diagnosis
 
 LETTERS = "ijklmnpqrstuvw"

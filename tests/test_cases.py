@@ -13,6 +13,7 @@ from conftest import SPECS, run_cli
 from gradverify.cases import case_settings, expand_cases
 from gradverify.config import Settings, resolve_settings
 from gradverify.spec import load_spec
+from gradverify.ops import FunctionOp
 from gradverify.spec.model import CaseDecl, InputSpec, OpSpec
 
 
@@ -28,7 +29,7 @@ class Double(torch.autograd.Function):
 
 def make_op(**fields: object) -> OpSpec:
     declared = (CaseDecl(inputs=(InputSpec(name="x", shape=(2, 3)),)),)
-    base = OpSpec(name="Double", function=Double, file="double.py", line=1,
+    base = OpSpec(name="Double", op=FunctionOp(Double), file="double.py", line=1,
                   params=(InputSpec(name="x"),), declared=declared)
     return dataclasses.replace(base, **fields)
 
@@ -81,12 +82,17 @@ def test_tolerance_precedence(tmp_path: Path) -> None:
 
 
 def test_checks_select_gradcheck_second_order_forward_mode(tmp_path: Path) -> None:
+    from gradverify.checks import selected
+
     [case] = expand_cases(make_op(checks=("jacobian",)), cli(tmp_path))
     effective = case_settings(case, cli(tmp_path))
-    assert (effective.gradcheck, effective.order, effective.forward_ad) == ("off", 1, False)
+    assert (effective.gradcheck, effective.order, effective.checks) == ("off", 1, ("jacobian",))
+    assert [c.name for c in selected(effective.checks, (), ())] == ["contracts", "jacobian"]
     [case] = expand_cases(make_op(checks=("jacobian", "gradcheck", "second_order", "forward_mode")), cli(tmp_path))
     effective = case_settings(case, cli(tmp_path))
-    assert (effective.gradcheck, effective.order, effective.forward_ad) == ("fast", 2, True)
+    assert (effective.gradcheck, effective.order) == ("fast", 2)
+    assert [c.name for c in selected(effective.checks, (), ())] == [
+        "contracts", "jacobian", "gradcheck", "forward_mode", "second_order"]
     assert case_settings(case, cli(tmp_path, gradcheck="off")).gradcheck == "off"
     [case] = expand_cases(make_op(checks=("jacobian",)), cli(tmp_path))
     assert case_settings(case, cli(tmp_path, gradcheck="slow")).gradcheck == "slow"  # explicitly asked for

@@ -11,11 +11,16 @@ import torch
 import gradverify.runner as runner
 from conftest import SPECS, run_cli
 from gradverify.cases import Case
-from gradverify.compare import tolerance_for
+from gradverify.checks.base import CaseContext
+from gradverify.checks.device import DeviceCheck, DeviceRun, compare_runs, forward_backward
 from gradverify.config import Settings
-from gradverify.devices import DeviceRun, compare_runs, cross_device_check, device_checks, forward_backward
+from gradverify.numerics.forward import CallSignature
+from gradverify.numerics.tolerance import tolerance_for
+from gradverify.ops import FunctionOp
 from gradverify.report import Status
 from gradverify.spec.model import InputSpec, OpSpec
+
+SIGNATURE = CallSignature(names=("x", "w"), keyword=(False, False))
 
 
 class Mul(torch.autograd.Function):
@@ -36,20 +41,21 @@ def args() -> list[torch.Tensor]:
 
 
 def case_on(device: str) -> Case:
-    op = OpSpec(name="Mul", function=Mul, file="mul.py", line=1,
+    op = OpSpec(name="Mul", op=FunctionOp(Mul), file="mul.py", line=1,
                 params=(InputSpec(name="x"), InputSpec(name="w")))
     inputs = (InputSpec(name="x", shape=(3, 2)), InputSpec(name="w", shape=(3, 2)))
     return Case(op=op, inputs=inputs, dtype="float64", device=device, seed=0)
 
 
 def test_same_inputs_on_cpu_agree() -> None:
-    check = cross_device_check(Mul, args(), [0, 1], dtype="float64", seed=0, output_names=["out"],
-                               input_names=["x", "w"])
+    run = forward_backward(FunctionOp(Mul), SIGNATURE, args(), [0, 1], seed=0)
+    check = compare_runs(run, run, dtype="float64", output_names=["out"], input_names=["x", "w"],
+                         tolerance=tolerance_for("float64"))
     assert check.status is Status.PASSED and check.total_entries == 18
 
 
 def test_a_perturbed_output_or_gradient_is_a_device_mismatch() -> None:
-    cpu = forward_backward(Mul, args(), [0, 1], seed=0)
+    cpu = forward_backward(FunctionOp(Mul), SIGNATURE, args(), [0, 1], seed=0)
     tolerance = tolerance_for("float64")
     assert compare_runs(cpu, cpu, dtype="float64", output_names=[], input_names=["x", "w"],
                         tolerance=tolerance).status is Status.PASSED
@@ -69,7 +75,7 @@ def test_a_perturbed_output_or_gradient_is_a_device_mismatch() -> None:
 
 
 def test_rounding_within_the_dtype_tolerance_is_not_a_mismatch() -> None:
-    cpu = forward_backward(Mul, [a.float() for a in args()], [0, 1], seed=0)
+    cpu = forward_backward(FunctionOp(Mul), SIGNATURE, [a.float() for a in args()], [0, 1], seed=0)
     nudged = DeviceRun("cuda", tuple(o * (1 + 1e-6) for o in cpu.outputs), cpu.grads)
     check = compare_runs(cpu, nudged, dtype="float32", output_names=[], input_names=["x", "w"],
                          tolerance=tolerance_for("float32"))
@@ -77,21 +83,8 @@ def test_rounding_within_the_dtype_tolerance_is_not_a_mismatch() -> None:
 
 
 def test_no_device_check_on_cpu() -> None:
-    assert device_checks(case_on("cpu"), args(), [0, 1], Settings()) == []
-
-
-def test_runner_adds_the_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[str] = []
-
-    def spy(case, case_args, diff_positions, settings):  # type: ignore[no-untyped-def]
-        seen.append(case.device)
-        return device_checks(dataclasses.replace(case, device="cuda"), case_args, diff_positions, settings)
-
-    monkeypatch.setattr(runner, "device_checks", spy)
-    result = runner.run_case(case_on("cpu"), Settings())
-    assert seen == ["cpu"]
-    device = next(c for c in result.checks if c.name == "device")
-    assert device.status is Status.PASSED and result.ok
+    ctx = CaseContext(case_on("cpu"), Settings(), args())
+    assert DeviceCheck().applies(ctx) == "the case runs on cpu" and DeviceCheck().run(ctx) == []
 
 
 def test_unavailable_device_is_skipped_or_failed() -> None:
@@ -112,4 +105,5 @@ def test_require_device_flag_through_the_cli(tmp_path: Path) -> None:
     statuses = {c["device"]: c["status"] for c in result.json()["cases"]}
     assert statuses == {"cpu": "passed", "cuda": "failed"}
     result = run_cli("check", spec, "--device", "cuda", "--format", "json", env={"GRADVERIFY_REQUIRE_DEVICE": "0"})
-    assert result.code == 0 and result.json()["cases"][0]["status"] == "skipped"
+    # Every case skipped: nothing was checked, which is exit 5 (as pytest's), never a green 0.
+    assert result.code == 5 and result.json()["cases"][0]["status"] == "skipped"

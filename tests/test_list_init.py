@@ -16,7 +16,8 @@ from gradverify.errors import UsageError
 
 def test_list_shows_ops_inputs_cases_and_checks() -> None:
     text = list_ops([SPECS / "matmul.yaml", SPECS / "activations.yaml"], Settings())
-    assert "MatMul  (" in text and "matmul.yaml:5)" in text
+    assert "MatMul  [Function]  (" in text and "ops/matmul.py:" in text and "declared in" in text \
+        and "matmul.yaml:5)" in text
     assert "inputs:   a: tensor, b: tensor" in text
     assert "a(2,3) b(3,4)  float32  cpu  seed 0  [spec]: contracts; jacobian; gradcheck skipped in float32" in text
     assert "x: tensor, beta=2.0" in text and "gradcheck off" in text
@@ -77,4 +78,5 @@ def test_init_and_list_through_the_cli(tmp_path: Path) -> None:
     assert again.code == 2 and "refusing to overwrite" in again.stderr
     listed = run_cli("list", "specs", cwd=tmp_path)
     assert listed.code == 0, listed.stderr
-    assert "NewOp  (specs/new_op.yaml:" in listed.stdout and "4 cases would run" in listed.stdout
+    assert "NewOp  [Function]  (" in listed.stdout and "declared in specs/new_op.yaml:" in listed.stdout
+    assert "4 cases would run" in listed.stdout

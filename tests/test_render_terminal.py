@@ -60,7 +60,7 @@ def test_colour_only_when_asked() -> None:
 
 def test_json_has_the_documented_schema_and_no_markup() -> None:
     doc = json.loads(render_json(failing_report()))
-    assert doc["schema_version"] == 1 and doc["ok"] is False and doc["exit_code"] == 1
+    assert doc["schema_version"] == 2 and doc["ok"] is False and doc["exit_code"] == 1
     case = doc["cases"][0]
     for key in ("op", "file", "shapes", "dtype", "device", "seed", "ok", "status", "checks"):
         assert key in case
@@ -68,7 +68,7 @@ def test_json_has_the_documented_schema_and_no_markup() -> None:
     for key in ("name", "ok", "max_abs_err", "mismatch_count", "mismatches", "diagnoses"):
         assert key in check
     assert check["mismatches"][0] == {"output": "out", "input": "x", "out_index": [0, 0], "in_index": [0, 0],
-                                      "expected": -0.1906, "got": 0.0, "abs_err": 0.1906, "tolerance": 1e-7}
+                                      "expected": -0.1906, "got": 0.0, "abs_err": 0.1906, "tolerance": 1e-7, "second": None}
     assert check["diagnoses"][0]["kind"] in DIAGNOSIS_KINDS
     assert doc["cases"][1]["status"] == "skipped"
     assert "\x1b" not in render_json(failing_report())

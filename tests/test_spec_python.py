@@ -62,24 +62,25 @@ def test_second_load_sees_the_files_as_they_are_now(write_spec) -> None:
     first = load_spec(spec)
     write_spec("helper_ops.py", HELPER.format(factor=3))
     second = load_spec(spec)
-    module_first = sys.modules[first[0].function.__module__]
-    assert first[0].function is not second[0].function
-    assert module_first is sys.modules[second[0].function.__module__]  # same unique name, re-executed
+    module_first = sys.modules[first[0].op.target.__module__]
+    assert first[0].op.target is not second[0].op.target
+    assert module_first is sys.modules[second[0].op.target.__module__]  # same unique name, re-executed
     import torch
 
-    factor = second[0].function.forward.__globals__["wrapped"](torch.ones(1))
+    factor = second[0].op.target.forward.__globals__["wrapped"](torch.ones(1))
     assert float(factor) == 3.0
 
 
-def test_shapes_select_optional_inputs_and_bad_counts_are_usage_errors(write_spec) -> None:
+def test_shapes_select_optional_inputs_and_bad_counts_skip_the_op(write_spec) -> None:
     write_spec("helper_ops.py", HELPER.format(factor=2))
     spec = write_spec("spec.py", SPEC)
     one = collect_cases([spec], Settings(shapes=(parse_shape_set("2,3"),)))
     assert one[0].shapes == ((2, 3), (2, 3))  # one shape: every required tensor input
     three = collect_cases([spec], Settings(shapes=(parse_shape_set("2,3;2,3;3"),)))
     assert three[0].shapes == ((2, 3), (2, 3), (3,))
-    with pytest.raises(UsageError, match="takes 2 to 3 tensor inputs"):
-        collect_cases([spec], Settings(shapes=(parse_shape_set("2;2;2;2"),)))
+    # An arity that does not match skips that op with the reason (other ops of the file still run).
+    [case] = collect_cases([spec], Settings(shapes=(parse_shape_set("2;2;2;2"),)))
+    assert case.skip_reason and "takes 2 to 3 tensor inputs" in case.skip_reason
     default = collect_cases([spec], Settings())
     assert default[0].shape_source == "default"
     sweep = collect_cases([spec], Settings(shapes=(parse_shape_set("2"), parse_shape_set("3")),
@@ -91,7 +92,7 @@ def test_op_filter_and_unknown_op(write_spec) -> None:
     write_spec("helper_ops.py", HELPER.format(factor=2))
     spec = write_spec("spec.py", SPEC)
     assert len(collect_cases([spec], Settings(ops=("Local",)))) == 1
-    with pytest.raises(SpecError, match="no Function named 'Nope'.*found: Local"):
+    with pytest.raises(SpecError, match="no op named 'Nope'.*found: Local"):
         collect_cases([spec], Settings(ops=("Nope",)))
 
 
@@ -241,4 +242,4 @@ def test_nothing_to_differentiate_is_skipped_not_passed(write_spec) -> None:
     from gradverify.report import Status
 
     (case,) = check_paths([spec], Settings()).cases
-    assert case.status is Status.SKIPPED and "nothing to differentiate" in case.checks[-1].message
+    assert case.status is Status.SKIPPED and "nothing to differentiate" in case.message

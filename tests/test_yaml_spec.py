@@ -45,6 +45,7 @@ def reference(a, b):
 
 
 NOT_A_FUNCTION = 3
+NOT_CALLABLE = 3
 '''
 
 
@@ -116,7 +117,8 @@ def test_matmul_with_named_dims(folder: Path) -> None:
         expect_failure: issue 12
     """)
     [op] = load_yaml_spec(path)
-    assert op.name == "MatMul" and op.file == str(path) and op.line == 1
+    assert op.name == "MatMul" and op.spec_file == str(path) and op.spec_line == 1
+    assert op.file.endswith("ops.py") and op.line is not None  # the op itself lives in ops.py
     assert [[p.shape for p in c.inputs] for c in op.declared] == [[(2, 3), (3, 4)], [(1, 5), (5, 2)]]
     assert op.declared[0].label == "M=2, K=3, N=4"
     b = op.declared[0].inputs[1]
@@ -152,7 +154,7 @@ def test_plain_values_defaults_and_several_ops(folder: Path) -> None:
     assert (x.name, bias.name, bias.shape) == ("x", "bias", (3,))
     assert factor.value == {"nested": [1, 2]} and type(factor.value) is dict
     assert second.surrogate == "declared a surrogate gradient"
-    assert second.line == 7
+    assert second.spec_line == 7
 
 
 def test_function_by_import_path(folder: Path) -> None:
@@ -162,7 +164,7 @@ def test_function_by_import_path(folder: Path) -> None:
         inputs: {a: {shape: [2, 2]}, b: {shape: [2, 2]}}
     """)
     [op] = load_spec(path)
-    assert op.function.__name__ == "MatMul" and op.declared[0].inputs[0].shape == (2, 2)
+    assert op.op.target.__name__ == "MatMul" and op.declared[0].inputs[0].shape == (2, 2)
 
 
 def test_no_object_construction(folder: Path, tmp_path: Path) -> None:
@@ -214,8 +216,8 @@ ERRORS = {
         function: ops.py:Matmul   #<
     """, "function", "found no 'Matmul'"),
     "not a Function": ("""
-        function: ops.py:reference   #<
-    """, "function", "expected a torch.autograd.Function subclass, found reference"),
+        function: ops.py:NOT_CALLABLE   #<
+    """, "function", "expected a torch.autograd.Function, a custom op or a differentiable callable, found the integer 3"),
     "bad function string": ("""
         ops:
           - function: MatMul   #<
@@ -225,7 +227,7 @@ ERRORS = {
         inputs:
           a: {shape: [2, 2]}
           c: {shape: [2, 2]}   #<
-    """, "inputs.c", "expected a parameter of MatMul.forward (a, b), found 'c'"),
+    """, "inputs.c", "expected a parameter of MatMul (a, b), found 'c'"),
     "missing input": ("""
         function: ops.py:MatMul
         inputs:
@@ -336,7 +338,7 @@ ERRORS = {
     "bad check": ("""
         function: ops.py:MatMul
         checks: [jacobian, hessian]   #<
-    """, "checks[1]", "expected one of jacobian, gradcheck, second_order, forward_mode, found 'hessian'"),
+    """, "checks[1]", "expected one of contracts, jacobian, needs_input_grad, gradcheck, forward_mode, second_order, device, found 'hessian'"),
     "bad reference": ("""
         function: ops.py:MatMul
         reference: ops.py:NOT_A_FUNCTION   #<

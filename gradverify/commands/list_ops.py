@@ -11,12 +11,20 @@ from gradverify.spec.model import InputSpec, OpSpec
 
 def _input_text(param: InputSpec) -> str:
     if not param.is_tensor:
+        if param.needs_value:
+            return f"{param.name}: {param.annotation or 'value'} (needs --arg {param.name}=VALUE)"
         return f"{param.name}={param.value!r}"
-    parts = [f"{param.name}: tensor"]
+    parts = [f"{param.name}: tensor" + (f" {param.dtype}" if param.dtype else "")]
     if param.domain:
         parts.append(f"domain {param.domain}")
+    if param.low is not None or param.high is not None:
+        parts.append(f"range [{param.low}, {param.high})")
     if not param.requires_grad:
         parts.append("no grad")
+    if param.optional:
+        parts.append("optional")
+    if param.guessed:
+        parts.append("(guessed: no annotation, no default)")
     return " ".join(parts)
 
 
@@ -28,38 +36,56 @@ def _shapes_text(inputs: Sequence[InputSpec]) -> str:
 
 
 def _checks_text(case: Any, settings: Settings) -> list[str]:
+    """The checks that would run on this case (optional ones that do not apply to every op are
+    shown as they are selected; the case decides at run time)."""
     from gradverify.cases import case_settings
+    from gradverify.checks import selected
 
     effective = case_settings(case, settings)
-    checks = ["contracts", "jacobian"]
-    if effective.gradcheck == "off":
-        checks.append("gradcheck off")
-    elif case.dtype in ("float64", "complex128"):
-        checks.append(f"gradcheck ({effective.gradcheck})")
-    else:
-        checks.append(f"gradcheck skipped in {case.dtype}")
-    if effective.order >= 2:
-        checks.append("second order")
-    if case.op.checks and "forward_mode" in case.op.checks:
-        checks.append("forward mode")
-    if case.device.split(":")[0] != "cpu":
-        checks.append("agreement with cpu")
+    names = []
+    chosen = selected(effective.checks, effective.add_checks, effective.skip_checks)
+    if not any(check.name == "gradcheck" for check in chosen):
+        names.append("gradcheck off")
+    for check in chosen:
+        if check.name == "gradcheck":
+            if effective.gradcheck == "off":
+                names.append("gradcheck off")
+            elif case.dtype in ("float64", "complex128"):
+                names.append(f"gradcheck ({effective.gradcheck})")
+            else:
+                names.append(f"gradcheck skipped in {case.dtype}")
+        elif check.name == "second_order":
+            if effective.order >= 2:
+                names.append("second order")
+        elif check.name == "device":
+            if case.device.split(":")[0] != "cpu":
+                names.append("agreement with cpu")
+        elif check.name in ("forward_mode", "needs_input_grad"):
+            continue  # only where they apply (a defined jvp; two or more differentiable inputs)
+        else:
+            names.append(check.name)
+    names.sort(key=lambda name: name.startswith("gradcheck"))
     tol = []
     if effective.atol is not None:
         tol.append(f"atol {effective.atol:g}")
     if effective.rtol is not None:
         tol.append(f"rtol {effective.rtol:g}")
     if tol:
-        checks.append(", ".join(tol))
-    return checks
+        names.append(", ".join(tol))
+    if effective.strict:
+        names.append("strict")
+    return names
 
 
 def describe_op(op: OpSpec, settings: Settings) -> tuple[list[str], int]:
-    """Lines describing one op (where it is, its inputs, its cases with their checks), and its case count."""
+    """Lines describing one op (its kind, where it is, its inputs, its cases with their checks)."""
     from gradverify.cases import expand_cases
     from gradverify.runner import device_unavailable
 
-    lines = [f"{op.name}  ({op.file}{':' + str(op.line) if op.line else ''})"]
+    where = f"{op.file}{':' + str(op.line) if op.line else ''}"
+    if op.spec_file:
+        where += f", declared in {op.spec_file}{':' + str(op.spec_line) if op.spec_line else ''}"
+    lines = [f"{op.name}  [{op.kind}]  ({where})"]
     template = op.declared[0].inputs if op.declared else op.params
     lines.append("  inputs:   " + (", ".join(_input_text(p) for p in template) or "none"))
     if op.reference is not None:
@@ -71,11 +97,17 @@ def describe_op(op: OpSpec, settings: Settings) -> tuple[list[str], int]:
     cases = expand_cases(op, settings)
     lines.append(f"  cases:    {len(cases)}")
     for case in cases:
-        where = case.device
+        device = case.device
         unavailable = device_unavailable(case.device)
         if unavailable:
-            where += f" ({'fails' if settings.require_device else 'skipped'}: {unavailable})"
-        lines.append(f"    {_shapes_text(case.inputs)}  {case.dtype}  {where}  seed {case.seed}"
+            device += f" ({'fails' if settings.require_device else 'skipped'}: {unavailable})"
+        if case.skip_reason:
+            lines.append(f"    skipped: {case.skip_reason}")
+            continue
+        if case.problem:
+            lines.append(f"    spec problem: {case.problem}")
+            continue
+        lines.append(f"    {_shapes_text(case.inputs)}  {case.dtype}  {device}  seed {case.seed}"
                      f"  [{case.shape_source}]: {'; '.join(_checks_text(case, settings))}")
     return lines, len(cases)
 

@@ -21,6 +21,8 @@ STATUS_STYLE = {
     Status.SKIPPED: ("SKIP", "yellow"),
     Status.XFAIL: ("XFAIL", "magenta"),
     Status.XPASS: ("XPASS", "magenta"),
+    Status.WARNED: ("WARN", "yellow"),
+    Status.SPEC: ("SPEC", "bold red"),
 }
 
 HEAT_STYLE = {"X": "bold white on red", "o": "green", ".": "dim", "?": "black on yellow", "|": "dim"}

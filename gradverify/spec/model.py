@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from gradverify.ops.base import Op
 
 Shape = tuple[int, ...]
+
+# Tensor dtypes a spec may fix for one input; "float" (None) follows the case's dtype.
+INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+FIXED_DTYPES = INT_DTYPES + ("bool", "float64", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One positional argument of the Function's forward.
+    """One argument of the op's call.
 
-    A tensor input has a shape (None: take it from the command line or the default) and a
-    value domain; a non-tensor input has a fixed `value`. `optional` inputs (a parameter
-    defaulting to None, like `bias=None`) are passed only when a shape is given for them.
+    A tensor input has a shape (None: take it from the command line or the default), a value
+    domain and a dtype: None follows the case's floating dtype (the sweep), an integer or bool
+    dtype is fixed and never differentiated. A non-tensor input has a fixed `value`.
+
+    optional: a tensor parameter defaulting to None (`bias=None`), passed only when a shape is
+        given for it.
+    variadic: one of forward's *args, present only when a shape is given for it.
+    keyword: passed by keyword (a keyword-only parameter of the op).
+    guessed: a tensor only because the parameter has neither annotation nor default; when
+        forward raises on it, that is a spec problem, not the user's bug.
+    value_type: a plain-value parameter (annotated int, float, ...) that still needs a value.
     """
 
     name: str
@@ -25,13 +40,28 @@ class InputSpec:
     optional: bool = False
     value: Any = None
     has_value: bool = False
-    # One of forward's *args: present only when a shape is given for it.
     variadic: bool = False
+    dtype: str | None = None
+    low: float | None = None
+    high: float | None = None
+    keyword: bool = False
+    guessed: bool = False
+    value_type: str | None = None
+    annotation: str = ""
+
+    @property
+    def is_float_tensor(self) -> bool:
+        return self.is_tensor and (self.dtype is None or not (self.dtype in INT_DTYPES or self.dtype == "bool"))
+
+    @property
+    def needs_value(self) -> bool:
+        """A plain-value parameter without a value (and without a default)."""
+        return not self.is_tensor and not self.has_value
 
 
 @dataclass(frozen=True)
 class CaseDecl:
-    """One declared way to call the op: its inputs in forward's order."""
+    """One declared way to call the op: its inputs in the op's parameter order."""
 
     inputs: tuple[InputSpec, ...]
     label: str = ""
@@ -39,10 +69,10 @@ class CaseDecl:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """A custom autograd Function and how to check it."""
+    """One op under check (any kind: Function, custom op, torch.ops overload, callable)."""
 
     name: str
-    function: type
+    op: Op
     file: str
     line: int | None
     params: tuple[InputSpec, ...]
@@ -63,10 +93,12 @@ class OpSpec:
     seed: int | None = None
     # (dtype, atol, rtol): tolerances for one dtype, beating the op's overall atol/rtol.
     dtype_tolerances: tuple[tuple[str, float | None, float | None], ...] = ()
-    # Optional checks to run (CHECK_NAMES); () = the run's settings decide. The contracts and
-    # the Jacobian comparison always run.
+    # Optional checks to run (by name); () = the run's settings decide.
     checks: tuple[str, ...] = ()
+    # Where the op was declared when that is not its own file (a YAML spec naming it).
+    spec_file: str | None = None
+    spec_line: int | None = None
 
-
-# Checks a spec can select. "jacobian" (and the contracts) always run; listing it is allowed.
-CHECK_NAMES: tuple[str, ...] = ("jacobian", "gradcheck", "second_order", "forward_mode")
+    @property
+    def kind(self) -> str:
+        return self.op.kind

@@ -24,11 +24,12 @@ from yaml.nodes import MappingNode, SequenceNode
 
 from gradverify.config import DTYPES, parse_dtype
 from gradverify.errors import SpecError, UsageError
-from gradverify.spec.model import CHECK_NAMES, CaseDecl, InputSpec, OpSpec
+from gradverify.spec.model import FIXED_DTYPES, CaseDecl, InputSpec, OpSpec
 
 OP_KEYS: tuple[str, ...] = ("function", "name", "inputs", "cases", "dtypes", "devices", "seed", "atol",
-                            "rtol", "tolerances", "checks", "reference", "surrogate", "expect_failure")
-TENSOR_KEYS: tuple[str, ...] = ("shape", "domain", "requires_grad")
+                            "rtol", "tolerances", "checks", "reference", "surrogate", "expect_failure", "import",
+                            "load_library")
+TENSOR_KEYS: tuple[str, ...] = ("shape", "domain", "requires_grad", "dtype", "range")
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 DIM_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -307,15 +308,18 @@ class _Reader:
         if "function" not in data:
             self.fail(data.mark, _join(path, "function"),
                       "the op's Function as 'module.path:Class' or 'file.py:Class'", "no 'function' key")
+        self.preload(data, path)
         function = self.function(data, path)
-        from gradverify.spec.python import op_from_function
+        from gradverify.spec.python import op_spec
 
         try:
-            op = op_from_function(function, self.display)
+            op = op_spec(function, self.display, declarations=())
         except SpecError as exc:
-            self.fail(data.value_marks["function"], _join(path, "function"), "a Function with a readable forward",
+            self.fail(data.value_marks["function"], _join(path, "function"), "an op with a readable signature",
                       exc.message)
-        changes: dict[str, Any] = {"file": self.display, "line": data.mark.line + 1}
+        changes: dict[str, Any] = {"spec_file": self.display, "spec_line": data.mark.line + 1}
+        if not op.file:
+            changes.update(file=self.display, line=data.mark.line + 1)
         if "name" in data:
             changes["name"] = self.string(data, "name", path)
         if "inputs" in data:
@@ -349,10 +353,16 @@ class _Reader:
         if "tolerances" in data:
             changes["dtype_tolerances"] = self.tolerances(data, path)
         if "checks" in data:
+            from gradverify.checks import check_names
+
+            names = check_names()
             checks = []
             for k, (text, mark) in enumerate(self.string_list(data, "checks", path)):
-                if text not in CHECK_NAMES:
-                    self.fail(mark, f"{_join(path, 'checks')}[{k}]", f"one of {', '.join(CHECK_NAMES)}", repr(text))
+                if text not in names:
+                    from gradverify.config import did_you_mean
+
+                    self.fail(mark, f"{_join(path, 'checks')}[{k}]", f"one of {', '.join(names)}",
+                              repr(text) + did_you_mean(text, names))
                 checks.append(text)
             changes["checks"] = tuple(dict.fromkeys(["jacobian", *checks]))
         if "reference" in data:
@@ -429,15 +439,51 @@ class _Reader:
                 except ValueError:
                     pass
 
-    def function(self, data: MarkedDict, path: str) -> type:
-        import torch
+    def function(self, data: MarkedDict, path: str) -> Any:
+        """The op: `module:Name`, `file.py:Name` (a Function, custom op or callable), or a
+        dispatcher name `torch.ops.ns.name[.overload]` / `ns::name[.overload]`."""
+        text = data["function"]
+        if isinstance(text, str) and (text.strip().startswith("torch.ops.") or "::" in text):
+            from gradverify.ops.custom_op import resolve_torch_ops
 
+            try:
+                return resolve_torch_ops(text)
+            except LookupError as exc:
+                self.fail(data.value_marks["function"], _join(path, "function"),
+                          "a registered operator (import its module with `import:` or its library with "
+                          "`load_library:` first)", str(exc))
         obj = self.resolve(data, "function", path)
-        if not (inspect.isclass(obj) and issubclass(obj, torch.autograd.Function)):
+        if not callable(obj):
             self.fail(data.value_marks["function"], _join(path, "function"),
-                      "a torch.autograd.Function subclass", describe(obj) if not callable(obj)
-                      else f"{getattr(obj, '__name__', type(obj).__name__)} (not a Function subclass)")
+                      "a torch.autograd.Function, a custom op or a differentiable callable", describe(obj))
         return obj
+
+    def preload(self, data: MarkedDict, path: str) -> None:
+        """`import: module` (or a list) and `load_library: path` (or a list) before the op is looked up."""
+        if "import" in data:
+            for k, (name, mark) in enumerate(self.string_list(data, "import", path)):
+                where = f"{_join(path, 'import')}" + (f"[{k}]" if isinstance(data["import"], list) else "")
+                if name.endswith(".py"):
+                    file = (self.folder / name).resolve()
+                    if not file.is_file():
+                        self.fail(mark, where, f"a Python file relative to {self.display}", f"no file {str(file)!r}")
+                    from gradverify.spec.python import import_spec_module
+
+                    self.modules[file] = import_spec_module(file)
+                else:
+                    self.import_module(name, mark, where)
+        if "load_library" in data:
+            import torch
+
+            for k, (name, mark) in enumerate(self.string_list(data, "load_library", path)):
+                where = f"{_join(path, 'load_library')}" + (f"[{k}]" if isinstance(data["load_library"], list) else "")
+                file = (self.folder / name).resolve()
+                if not file.is_file():
+                    self.fail(mark, where, f"a shared library relative to {self.display}", f"no file {str(file)!r}")
+                try:
+                    torch.ops.load_library(str(file))
+                except (OSError, RuntimeError) as exc:
+                    self.fail(mark, where, "a library torch can load", f"{type(exc).__name__}: {exc}")
 
     def reference(self, data: MarkedDict, path: str) -> Any:
         obj = self.resolve(data, "reference", path)
@@ -467,19 +513,20 @@ class _Reader:
         inputs = self.mapping(data["inputs"], data.value_marks["inputs"], base,
                               "a mapping of forward's parameter names to inputs")
         params = {p.name: p for p in op.params}
-        varargs = any(p.kind is p.VAR_POSITIONAL for p in _signature_params(op.function))
+        varargs = any(p.variadic for p in op.params)
         for name in inputs:
             if name not in params and not varargs:
                 self.fail(inputs.key_marks[name], f"{base}.{name}",
-                          f"a parameter of {op.function.__name__}.forward ({', '.join(params) or 'none'})",
-                          repr(name))
-        missing = [p.name for p in op.params if p.name not in inputs and not p.optional and not p.has_value]
+                          f"a parameter of {op.name} ({', '.join(params) or 'none'})", repr(name))
+        missing = [p.name for p in op.params if p.name not in inputs and not p.optional and not p.has_value
+                   and not p.variadic]
         if missing:
-            self.fail(inputs.mark, base, f"an entry for every forward parameter without a default "
-                      f"({', '.join(p.name for p in op.params if not p.optional and not p.has_value)})",
+            self.fail(inputs.mark, base, f"an entry for every parameter without a default "
+                      f"({', '.join(p.name for p in op.params if not p.optional and not p.has_value and not p.variadic)})",
                       f"no {missing[0]!r}")
         templates: dict[str, InputSpec] = {}
         shapes: dict[str, list[SizeOrDim] | None] = {}
+        ranges: dict[str, tuple[Any, Any]] = {}
         dim_marks: dict[str, tuple[yaml.Mark, str]] = {}
         order = [p.name for p in op.params if p.name in inputs] + [n for n in inputs if n not in params]
         for name in order:
@@ -502,26 +549,75 @@ class _Reader:
                 shape = self.shape(value, where, dim_marks, inputs)
             domain = None
             if "domain" in value:
-                from gradverify.cases import DOMAINS
+                from gradverify.config import did_you_mean
+                from gradverify.domains import DOMAINS
 
                 domain = value["domain"]
-                if not isinstance(domain, str) or domain not in DOMAINS:
-                    self.fail(value.value_marks["domain"], f"{where}.domain", f"one of {', '.join(DOMAINS)}",
-                              describe(domain))
-            requires_grad = True
+                if not isinstance(domain, str) or (domain not in DOMAINS and ":" not in domain):
+                    self.fail(value.value_marks["domain"], f"{where}.domain",
+                              f"one of {', '.join(DOMAINS)} or 'module:function'",
+                              describe(domain) + (did_you_mean(domain, DOMAINS) if isinstance(domain, str) else ""))
+            dtype = None
+            if "dtype" in value:
+                dtype = value["dtype"]
+                if not isinstance(dtype, str) or dtype not in FIXED_DTYPES:
+                    self.fail(value.value_marks["dtype"], f"{where}.dtype",
+                              f"one of {', '.join(FIXED_DTYPES)} (leave it out to follow the case's dtype)",
+                              describe(dtype))
+            integer = dtype is not None and (dtype.startswith(("int", "uint")) or dtype == "bool")
+            requires_grad = not integer
             if "requires_grad" in value:
                 requires_grad = value["requires_grad"]
                 if not isinstance(requires_grad, bool):
                     self.fail(value.value_marks["requires_grad"], f"{where}.requires_grad", "true or false",
                               describe(requires_grad))
+                if requires_grad and integer:
+                    self.fail(value.value_marks["requires_grad"], f"{where}.requires_grad",
+                              f"false for a {dtype} tensor (only floating tensors have gradients)", "true")
+            if "range" in value:
+                ranges[name] = self.range(value, where, integer, dim_marks, inputs)
             shapes[name] = shape
-            templates[name] = InputSpec(name=name, domain=domain, requires_grad=requires_grad)
+            templates[name] = InputSpec(name=name, domain=domain, requires_grad=requires_grad, dtype=dtype)
         for p in op.params:  # parameters with defaults the spec leaves out
             if p.name not in templates:
                 templates[p.name] = (InputSpec(name=p.name, is_tensor=False, value=None, has_value=True)
                                      if p.optional else p)
         ordered = [templates[p.name] for p in op.params] + [templates[n] for n in order if n not in params]
-        return self.cases(data, path, ordered, shapes, dim_marks)
+        for p in op.params:
+            if p.name in inputs and not isinstance(inputs[p.name], MarkedDict) and p.keyword:
+                pass
+        ordered = [dataclasses.replace(t, keyword=params[t.name].keyword) if t.name in params else t for t in ordered]
+        return self.cases(data, path, ordered, shapes, dim_marks, ranges)
+
+    def range(self, tensor: MarkedDict, where: str, integer: bool, dim_marks: dict[str, tuple[yaml.Mark, str]],
+              inputs: MarkedDict) -> tuple[Any, Any]:
+        """`range: [low, high]`: numbers, or dim names bound by the cases (labels in [0, C))."""
+        value = tensor["range"]
+        if not isinstance(value, MarkedList) or len(value) != 2:
+            self.fail(tensor.value_marks["range"], f"{where}.range", "[low, high] (high exclusive for integers)",
+                      describe(value))
+        bounds = []
+        for k, (item, mark) in enumerate(zip(value, value.item_marks)):
+            if isinstance(item, bool):
+                self.fail(mark, f"{where}.range[{k}]", "a number or a dim name", describe(item))
+            if isinstance(item, str) and DIM_PATTERN.match(item) and item not in inputs:
+                dim_marks.setdefault(item, (mark, f"{where}.range[{k}]"))
+                bounds.append(item)
+                continue
+            if isinstance(item, str):
+                try:
+                    item = float(item)
+                except ValueError:
+                    self.fail(mark, f"{where}.range[{k}]", "a number or a dim name", describe(item))
+            if not isinstance(item, (int, float)) or item != item or item in (float("inf"), float("-inf")):
+                self.fail(mark, f"{where}.range[{k}]", "a finite number or a dim name", describe(item))
+            if integer and not float(item).is_integer():
+                self.fail(mark, f"{where}.range[{k}]", "an integer bound for an integer tensor", describe(item))
+            bounds.append(item)
+        low, high = bounds
+        if not isinstance(low, str) and not isinstance(high, str) and high <= low:
+            self.fail(tensor.value_marks["range"], f"{where}.range", "high above low", f"[{low}, {high}]")
+        return low, high
 
     def shape(self, tensor: MarkedDict, where: str, dim_marks: dict[str, tuple[yaml.Mark, str]],
               inputs: MarkedDict) -> list[SizeOrDim]:
@@ -549,16 +645,16 @@ class _Reader:
         return out
 
     def cases(self, data: MarkedDict, path: str, templates: list[InputSpec],
-              shapes: dict[str, list[SizeOrDim] | None], dim_marks: dict[str, tuple[yaml.Mark, str]]
-              ) -> tuple[CaseDecl, ...]:
-        dims = dims_of(shapes)
+              shapes: dict[str, list[SizeOrDim] | None], dim_marks: dict[str, tuple[yaml.Mark, str]],
+              ranges: dict[str, tuple[Any, Any]]) -> tuple[CaseDecl, ...]:
+        dims = dims_of({**shapes, **{f"range of {k}": [b for b in v if isinstance(b, str)] for k, v in ranges.items()}})
         base = _join(path, "cases")
         if "cases" not in data:
             if dims:
                 mark, where = dim_marks[dims[0]]
                 self.fail(mark, where, f"a size for dim {dims[0]!r} from 'cases' (e.g. cases: [{{{dims[0]}: 3}}])",
                           "no cases")
-            return (self.case(templates, bind_dims(shapes, {}), ""),)
+            return (self.case(templates, bind_dims(shapes, {}), "", ranges, shapes),)
         cases = data["cases"]
         if not isinstance(cases, MarkedList) or not cases:
             self.fail(data.value_marks["cases"], base, f"a non-empty list of dim bindings like "
@@ -581,8 +677,10 @@ class _Reader:
                     sizes[key] = value
                 else:
                     self.fail(entry.value_marks[key], f"{where}.{key}", "a non-negative size", describe(value))
+            shape_dims = set(dims_of(shapes))
+            range_only = {d: v for d, v in sizes.items() if d not in shape_dims and d in dims}
             try:
-                resolved = bind_dims(shapes, sizes, concrete)
+                resolved = bind_dims(shapes, {d: v for d, v in sizes.items() if d not in range_only}, concrete)
             except DimError as exc:
                 mark = entry.key_marks.get(exc.key, entry.mark) if exc.key is not None else entry.mark
                 at = f"{where}.{exc.key}" if exc.key is not None else where
@@ -591,13 +689,29 @@ class _Reader:
                 self.fail(mark, at, expected, found)
             label = ", ".join(f"{key}={value}" for key, value in entry.items()
                               if not isinstance(value, list)) or f"case {k}"
-            decls.append(self.case(templates, resolved, label))
+            decls.append(self.case(templates, resolved, label, ranges, shapes, sizes))
         return tuple(decls)
 
     @staticmethod
-    def case(templates: list[InputSpec], shapes: Mapping[str, tuple[int, ...] | None], label: str) -> CaseDecl:
-        inputs = tuple(dataclasses.replace(t, shape=shapes.get(t.name)) if t.is_tensor else t for t in templates)
-        return CaseDecl(inputs=inputs, label=label)
+    def case(templates: list[InputSpec], resolved: Mapping[str, tuple[int, ...] | None], label: str,
+             ranges: dict[str, tuple[Any, Any]], shapes: Mapping[str, Sequence[SizeOrDim] | None],
+             sizes: Mapping[str, int] | None = None) -> CaseDecl:
+        bound: dict[str, int] = dict(sizes or {})
+        for name, template in shapes.items():
+            for want, size in zip(template or (), resolved.get(name) or ()):
+                if isinstance(want, str):
+                    bound.setdefault(want, size)
+        inputs = []
+        for t in templates:
+            if not t.is_tensor:
+                inputs.append(t)
+                continue
+            t = dataclasses.replace(t, shape=resolved.get(t.name))
+            if t.name in ranges:
+                low, high = (bound.get(b, 0) if isinstance(b, str) else b for b in ranges[t.name])
+                t = dataclasses.replace(t, low=low, high=high)
+            inputs.append(t)
+        return CaseDecl(inputs=tuple(inputs), label=label)
 
 
 def _signature_params(function: type) -> list[inspect.Parameter]:
@@ -632,7 +746,8 @@ def python_files_used(ops: Sequence[OpSpec]) -> set[Path]:
     found: set[Path] = set()
     for op in ops:
         try:
-            found.add(Path(inspect.getfile(op.function)).resolve())
+            if op.op.file:
+                found.add(Path(op.op.file).resolve())
         except (TypeError, OSError):
             continue
     return found

@@ -14,9 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from gradverify.compare import Tolerance, tolerance_for
-from gradverify.jacobian import as_tuple, clone_args
+from gradverify.numerics.forward import CallSignature, call_op, clone_args
+from gradverify.numerics.tolerance import Tolerance, tolerance_for
+from gradverify.ops.base import Op
 from gradverify.report import CheckResult, Diagnosis, Status, format_index
+from gradverify.usercode import UserCodeError, user_code
 
 CHECK_NAME = "device"
 
@@ -30,7 +32,8 @@ class DeviceRun:
     grads: tuple[torch.Tensor | None, ...]
 
 
-def forward_backward(function: type, args: Sequence[Any], diff_positions: Sequence[int], seed: int) -> DeviceRun:
+def forward_backward(op: Op, signature: CallSignature, args: Sequence[Any], diff_positions: Sequence[int],
+                     seed: int) -> DeviceRun:
     """Run forward, then backward with seeded output gradients, wherever `args` live.
 
     The output gradients are drawn on cpu in float64 from `seed` and cast, so two runs on
@@ -42,7 +45,8 @@ def forward_backward(function: type, args: Sequence[Any], diff_positions: Sequen
         inputs[pos].requires_grad_(True)
     # Forward gets non-leaf copies (an op that writes into its input with mark_dirty needs that).
     call = [a.clone() if k in diff_positions else a for k, a in enumerate(inputs)]
-    outputs = as_tuple(function.apply(*call))
+    with user_code("forward"):
+        outputs = call_op(op, signature, call)
     gen = torch.Generator().manual_seed(seed + 11)
     diff_out: list[torch.Tensor] = []
     grad_out: list[torch.Tensor] = []
@@ -56,7 +60,8 @@ def forward_backward(function: type, args: Sequence[Any], diff_positions: Sequen
     leaves = [inputs[p] for p in diff_positions]
     grads: tuple[torch.Tensor | None, ...] = ()
     if diff_out and leaves:
-        grads = torch.autograd.grad(diff_out, leaves, grad_out, allow_unused=True)
+        with user_code("backward"):
+            grads = torch.autograd.grad(diff_out, leaves, grad_out, allow_unused=True)
     return DeviceRun(
         device=device,
         outputs=tuple(o.detach().to("cpu") if isinstance(o, torch.Tensor) else None for o in outputs),
@@ -75,7 +80,7 @@ def _differences(name: str, cpu: torch.Tensor | None, other: torch.Tensor | None
         return cpu.numel() or 1, f"{name}: shape {tuple(cpu.shape)} on cpu, {tuple(other.shape)} on the device"
     a = cpu.to(torch.complex128 if cpu.is_complex() else torch.float64)
     b = other.to(a.dtype)
-    scale = max(1.0, float(a.abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 1.0)
+    scale = float(a.abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 0.0
     allowed = tolerance.atol * scale + tolerance.rtol * a.abs()
     both_nan = a.isnan() & b.isnan()
     bad = ((a - b).abs() > allowed) | (a.isnan() ^ b.isnan()) | (~both_nan & (a.isinf() | b.isinf()) & (a != b))
@@ -126,33 +131,37 @@ def compare_runs(cpu: DeviceRun, other: DeviceRun, *, dtype: str, output_names: 
                        total_entries=total, diagnoses=(diagnosis,), details=tol)
 
 
-def cross_device_check(function: type, args: Sequence[Any], diff_positions: Sequence[int], *, dtype: str,
-                       seed: int, output_names: Sequence[str], input_names: Sequence[str],
-                       atol: float | None = None, rtol: float | None = None) -> CheckResult:
-    """Run the op where `args` live and on a cpu copy of them, and compare the two."""
-    tolerance = tolerance_for(dtype, atol, rtol)
-    cpu_args = clone_args(args, device="cpu")
-    try:
-        other = forward_backward(function, args, diff_positions, seed)
-    except Exception as exc:  # the case's own checks already report errors on the device
-        return CheckResult(name=CHECK_NAME, status=Status.SKIPPED,
-                           message=f"not compared with cpu: the run on the device raised {type(exc).__name__}: {exc}")
-    try:
-        cpu = forward_backward(function, cpu_args, diff_positions, seed)
-    except Exception as exc:
-        return CheckResult(name=CHECK_NAME, status=Status.SKIPPED,
-                           message=f"not compared with cpu: the op does not run on cpu "
-                                   f"({type(exc).__name__}: {exc})")
-    return compare_runs(cpu, other, dtype=dtype, output_names=output_names, input_names=input_names,
-                        tolerance=tolerance)
+class DeviceCheck:
+    """On a device other than cpu, the op must give the cpu's answers (same values, same dtype)."""
 
+    name = CHECK_NAME
+    default = True
+    description = "outputs and gradients on the device against a cpu run of the same inputs"
 
-def device_checks(case: Any, args: Sequence[Any], diff_positions: Sequence[int], settings: Any) -> list[CheckResult]:
-    """The cpu-agreement check for a case on a device other than cpu (none on cpu)."""
-    if case.device.split(":")[0] == "cpu" or not diff_positions:
-        return []
-    names = [case.inputs[p].name for p in diff_positions]
-    atol = settings.atol if settings.atol is not None else case.op.atol
-    rtol = settings.rtol if settings.rtol is not None else case.op.rtol
-    return [cross_device_check(case.op.function, args, diff_positions, dtype=case.dtype, seed=case.seed,
-                               output_names=[], input_names=names, atol=atol, rtol=rtol)]
+    def applies(self, ctx: Any) -> str | None:
+        if ctx.case.device.split(":")[0] == "cpu":
+            return "the case runs on cpu"
+        if not ctx.diff_positions:
+            return "nothing to differentiate"
+        return None
+
+    def run(self, ctx: Any) -> list[CheckResult]:
+        if self.applies(ctx):
+            return []
+        tolerance = tolerance_for(ctx.case.dtype, ctx.settings.atol, ctx.settings.rtol)
+        names = [ctx.input_names[p] for p in ctx.diff_positions]
+        try:
+            other = forward_backward(ctx.op, ctx.signature, ctx.args, ctx.diff_positions, ctx.case.seed)
+        except UserCodeError as exc:  # the case's own checks already report errors on the device
+            return [CheckResult(name=CHECK_NAME, status=Status.SKIPPED, summary="not compared",
+                                message=f"not compared with cpu: the run on the device raised "
+                                        f"{type(exc.original).__name__}: {exc.original}")]
+        try:
+            cpu = forward_backward(ctx.op, ctx.signature, clone_args(ctx.args, device="cpu"), ctx.diff_positions,
+                                   ctx.case.seed)
+        except UserCodeError as exc:
+            return [CheckResult(name=CHECK_NAME, status=Status.SKIPPED, summary="not compared",
+                                message=f"not compared with cpu: the op does not run on cpu "
+                                        f"({type(exc.original).__name__}: {exc.original})")]
+        return [compare_runs(cpu, other, dtype=ctx.case.dtype, output_names=[], input_names=names,
+                             tolerance=tolerance)]

@@ -1,0 +1,412 @@
+"""The Jacobian check: the analytic Jacobian (the op's backward) against the truths, entry by entry.
+
+Three ways through it, one policy (numerics.judge) for all:
+
+* dense: whole blocks in memory (small Jacobians): every entry compared with the reference,
+  finite differences at the input columns holding a disagreement (or at every column when
+  there is no usable reference), the full diagnosis on whole blocks;
+* streamed: row chunks bounded by --max-memory, only disagreeing entries kept;
+* projected (--mode fast, or auto beyond what a full check can afford): random projections
+  u^T A v against u^T R v and finite differences, with localisation of the wrong entries.
+
+Next to the per-entry test, a norm-wise test on random projections, ||(A - R)^T u|| <= rtol
+||R^T u||, catches errors that are individually below the tolerance but together large; it
+accuses only when finite differences along the offending direction confirm it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Sequence
+
+import torch
+
+from gradverify.checks.base import CaseContext, Truth
+from gradverify.diagnose import diagnose
+from gradverify.numerics import judge
+from gradverify.numerics.blocks import BlockComparison, all_mismatches, heatmap_of
+from gradverify.numerics.finite_diff import FiniteDifferences
+from gradverify.numerics.judge import Verdict
+from gradverify.numerics.tolerance import Tolerance
+from gradverify.numerics.vjp import VjpSource
+from gradverify.report import CheckResult, Diagnosis, Mismatch, Severity, Status
+from gradverify.usercode import UserCodeError
+
+NAME = "jacobian"
+
+# --mode auto checks every entry up to this many Jacobian entries (16,384 x 16,384: a full check
+# streams each entry a few times, ~10 s on a 2-core machine) and uses projections beyond it.
+AUTO_FULL_MAX_ENTRIES = 2**28
+# The comparison of one dense block holds analytic, truth, second truth, bars, allowed and
+# masks at once: about 8 float64 copies of the block. Beyond --max-memory / 8, stream.
+DENSE_COPIES = 8
+# Whole blocks are compared directly up to this working set (~130k entries); larger Jacobians
+# are streamed (measured 2-4x faster at 4M+ entries: whole blocks fall out of cache).
+DENSE_MAX_BYTES = 8 * 2**20
+# Random cotangents for the norm-wise test.
+NORM_PROBES = 2
+
+
+def fits_dense(entries: int, max_bytes: int) -> bool:
+    return entries * 8 * DENSE_COPIES <= max_bytes
+
+
+class JacobianCheck:
+    name = NAME
+    default = True
+    description = "every entry of the backward's Jacobian against the reference and finite differences"
+
+    def applies(self, ctx: CaseContext) -> str | None:
+        return None
+
+    def run(self, ctx: CaseContext) -> list[CheckResult]:
+        try:
+            return [self._run(ctx)]
+        except UserCodeError as exc:
+            return [ctx.user_error(NAME, exc)]
+
+    def _run(self, ctx: CaseContext) -> CheckResult:
+        analytic = ctx.analytic
+        truth = ctx.truth
+        entries = total_entries(analytic)
+        mode = ctx.settings.mode
+        if mode == "auto":
+            mode = "full" if entries <= AUTO_FULL_MAX_ENTRIES else "fast"
+        budget = min(ctx.settings.max_memory, DENSE_MAX_BYTES) if truth.reference.usable else ctx.settings.max_memory
+        if mode == "fast":
+            from gradverify.numerics.projection import projected_check
+
+            return projected_check(ctx, analytic, truth, entries)
+        if fits_dense(entries, budget):
+            return dense_check(ctx, analytic, truth, entries)
+        if truth.reference.usable:
+            from gradverify.numerics.streaming import streamed_check
+
+            return streamed_check(ctx, analytic, truth, entries)
+        if fits_dense(entries, ctx.settings.max_memory * 4):
+            return dense_check(ctx, analytic, truth, entries)
+        from gradverify.numerics.projection import projected_check
+
+        result = projected_check(ctx, analytic, truth, entries)
+        return replace(result, notes=result.notes + (
+            "no usable reference and the Jacobian is too large to hold for finite differences: checked by "
+            "projections",))
+
+
+def total_entries(source: VjpSource) -> int:
+    return sum(int(out.numel()) for out in source.outputs.values()) * source.in_numel()
+
+
+def _fallback_scale(block: torch.Tensor, case_max: float, out: torch.Tensor, leaf: torch.Tensor) -> float:
+    """Scale for rows whose truth is all zero: the block's largest entry, then the case's, then
+    the block's units (rms(out) / rms(in))."""
+    finite = block[torch.isfinite(block)].abs()
+    block_max = float(finite.max()) if finite.numel() else 0.0
+    if block_max > 0:
+        return block_max
+    if case_max > 0:
+        return case_max
+    out_rms = float(out.detach().double().pow(2).mean().sqrt()) if out.numel() else 0.0
+    in_rms = float(leaf.detach().double().pow(2).mean().sqrt()) if leaf.numel() else 0.0
+    return out_rms / in_rms if out_rms > 0 and in_rms > 0 else 1.0
+
+
+def dense_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: int) -> CheckResult:
+    """Whole blocks: per-entry verdicts, finite differences where needed, full diagnosis."""
+    leaves = dict(analytic.leaves)
+    a_blocks = {(o, p): block for o in analytic.outputs for p, block in analytic.blocks(o).items()}
+    comparisons, fd_columns = judge_blocks(ctx.tolerance, a_blocks, analytic.outputs, leaves, truth,
+                                           ctx.output_names, ctx.input_names)
+    mismatches, count = all_mismatches(comparisons, ctx.settings.mismatch_cap)
+    diagnoses = diagnose(comparisons) if count else []
+    details = [("mode", "full: every entry, whole blocks in memory"),
+               ("analytic", _analytic_detail(analytic)),
+               ("truth", truth.description),
+               ("tolerance", ctx.tolerance.describe()),
+               ("finite differences", f"{fd_columns} column{'s' if fd_columns != 1 else ''} ({truth.fd.path}); "
+                                      f"{truth.fd.evaluations} forward evaluations")]
+    extra: list[Diagnosis] = []
+    if not count:
+        extra.extend(norm_test(ctx, analytic, truth))
+    return assemble(ctx, truth, details=details, entries=entries, compared=entries, count=count,
+                    mismatches=mismatches, diagnoses=list(diagnoses) + extra,
+                    unverifiable=sum(int(c.unjudged.sum()) for c in comparisons),
+                    kinks=sum(int(c.kinks.sum()) for c in comparisons),
+                    excused=sum(int((c.verdict == int(Verdict.EXCUSED)).sum()) for c in comparisons),
+                    heatmaps=tuple(heatmap_of(c) for c in comparisons if c.mismatch_count),
+                    max_err=max((c.max_abs_err for c in comparisons), default=0.0))
+
+
+# An entry may also differ from the truth by SLACK_FACTOR times the change of the truth itself
+# when the inputs move by one rounding of the case's dtype (x (1 + eps s)): a backward evaluated
+# in float32 rounds its intermediates, which moves its result like such a perturbation would
+# (backward error analysis), and where the derivative is ill-conditioned (cos(2000 x) near a
+# zero: an entry of 26 next to entries of 2000) that change exceeds any relative tolerance. The
+# factor 4 covers the several roundings of a formula. It is computed only where an entry
+# disagrees, and only below float64: there it would be ~1e-16 relative for a smooth op, and at a
+# kink (where the derivative jumps) it would wrongly clear a real disagreement.
+SLACK_FACTOR = 4.0
+SLACK_MIN_EPS = 1e-10
+
+
+def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Tensor],
+                 outputs: dict[int, torch.Tensor], leaves: dict[int, torch.Tensor], truth: Truth,
+                 out_names: dict[int, str], in_names: Sequence[str]) -> tuple[list[BlockComparison], int]:
+    """Verdicts for whole analytic blocks {(o, p): out.shape + in.shape} against the truths
+    (numerics.judge); returns the comparisons and the number of finite-difference columns."""
+    fd = truth.fd
+    reference = truth.reference
+    r_blocks = {o: reference.source.blocks(o) for o in outputs} if reference.source is not None else None
+    use_reference = reference.usable and r_blocks is not None
+    fd_columns = 0
+    f_blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    if not use_reference:
+        for p in leaves:
+            n = leaves[p].numel()
+            cols = fd.columns(p, torch.arange(n))
+            fd_columns += n
+            for o in outputs:
+                f_blocks[(o, p)] = (cols.estimates[o], cols.bars[o], cols.kinks[o])
+    t_flat: dict[tuple[int, int], torch.Tensor] = {}
+    a_flat: dict[tuple[int, int], torch.Tensor] = {}
+    for (o, p), block in a_blocks.items():
+        m = outputs[o].numel()
+        a_flat[(o, p)] = block.reshape(m, -1).double()
+        t_flat[(o, p)] = (r_blocks[o][p].reshape(m, -1).double() if use_reference and r_blocks is not None
+                          else f_blocks[(o, p)][0].double())
+    case_max = max((float(t[torch.isfinite(t)].abs().max()) for t in t_flat.values()
+                    if t.numel() and bool(torch.isfinite(t).any())), default=0.0)
+    verdicts: dict[tuple[int, int], torch.Tensor] = {}
+    scales: dict[tuple[int, int], torch.Tensor] = {}
+    slacks: dict[tuple[int, int], torch.Tensor] = {}
+    disagree_cols: dict[int, torch.Tensor] = {}
+    for (o, p), t in t_flat.items():
+        a = a_flat[(o, p)]
+        scale = judge.row_scales(t, _fallback_scale(t, case_max, outputs[o], leaves[p])).unsqueeze(1).expand_as(t)
+        scales[(o, p)] = scale
+        if use_reference:
+            verdict = torch.zeros(t.shape, dtype=torch.int8)
+            disagree = judge.disagrees(a, t, scale, tolerance)
+            if bool(disagree.any()):
+                slack = _reference_slack(truth, o, p, t, tolerance.eps)
+                if slack is not None:
+                    slacks[(o, p)] = slack
+                    disagree = judge.disagrees(a, t, scale, tolerance, slack)
+            verdict[disagree] = int(Verdict.UNVERIFIABLE)  # pending finite differences
+            hit = disagree.any(dim=0)
+            disagree_cols[p] = hit if p not in disagree_cols else (disagree_cols[p] | hit)
+        else:
+            f, bar, kink = f_blocks[(o, p)]
+            verdict = judge.finite_differences_only(a, f.double(), bar.double(), kink, scale, tolerance)
+            if reference.source is not None and r_blocks is not None:
+                verdict = judge.spare_reference_matches(verdict, a, r_blocks[o][p].reshape(t.shape).double(),
+                                                        scale, tolerance)
+        verdicts[(o, p)] = verdict
+    seconds: dict[tuple[int, int], torch.Tensor] = {}
+    if use_reference:
+        for p, hit in disagree_cols.items():
+            cols = torch.nonzero(hit).reshape(-1)
+            if not cols.numel():
+                continue
+            fd_columns += int(cols.numel())
+            numeric = fd.columns(p, cols)
+            for (o, q), verdict in verdicts.items():
+                if q != p:
+                    continue
+                pending = verdict[:, cols] == int(Verdict.UNVERIFIABLE)
+                if not bool(pending.any()):
+                    continue
+                slack = slacks.get((o, p))
+                sub = judge.with_reference(a_flat[(o, p)][:, cols], t_flat[(o, p)][:, cols],
+                                           numeric.estimates[o].double(), numeric.bars[o].double(),
+                                           numeric.kinks[o], scales[(o, p)][:, cols], tolerance,
+                                           slack[:, cols] if slack is not None else None)
+                current = verdict[:, cols]
+                current[pending] = sub[pending]
+                verdict[:, cols] = current
+                second = torch.full(t_flat[(o, p)].shape, math.nan, dtype=torch.float64)
+                second[:, cols] = numeric.estimates[o].double()
+                seconds[(o, p)] = second
+    else:
+        fd_columns += _confirm(fd, verdicts, a_flat, scales, tolerance)
+        fd_columns += _fd_slack(truth, verdicts, a_flat, t_flat, f_blocks, scales, slacks, tolerance)
+    comparisons = []
+    for (o, p), t in t_flat.items():
+        out_shape = tuple(outputs[o].shape)
+        in_shape = tuple(leaves[p].shape)
+        shape = (*out_shape, *in_shape)
+        comparisons.append(BlockComparison(
+            out_pos=o, in_pos=p, out_name=out_names[o], in_name=in_names[p],
+            analytic=a_flat[(o, p)].reshape(shape), truth=t.reshape(shape),
+            allowed=judge.allowed(t, scales[(o, p)], tolerance, slacks.get((o, p))).reshape(shape),
+            verdict=verdicts[(o, p)].reshape(shape), out_shape=out_shape, in_shape=in_shape,
+            second=seconds[(o, p)].reshape(shape) if (o, p) in seconds else None))
+    return comparisons, fd_columns
+
+
+def _reference_slack(truth: Truth, o: int, p: int, t: torch.Tensor, eps: float) -> torch.Tensor | None:
+    if eps < SLACK_MIN_EPS:
+        return None
+    moved = truth.perturbed()
+    if moved is None or moved.reference.source is None:
+        return None
+    block = moved.reference.source.blocks(o)[p].reshape(t.shape).double()
+    return SLACK_FACTOR * (block - t).abs().nan_to_num(0.0, 0.0, 0.0)
+
+
+def _fd_slack(truth: Truth, verdicts: dict[tuple[int, int], torch.Tensor], a_flat: dict[tuple[int, int], torch.Tensor],
+              t_flat: dict[tuple[int, int], torch.Tensor],
+              f_blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              scales: dict[tuple[int, int], torch.Tensor], slacks: dict[tuple[int, int], torch.Tensor],
+              tolerance: Tolerance) -> int:
+    """Finite differences only: the same slack at the columns holding a mismatch."""
+    columns = 0
+    if tolerance.eps < SLACK_MIN_EPS:
+        return columns
+    for (o, p), verdict in verdicts.items():
+        bad = verdict == int(Verdict.MISMATCH)
+        if not bool(bad.any()):
+            continue
+        moved = truth.perturbed()
+        if moved is None:
+            return columns
+        cols = torch.nonzero(bad.any(dim=0)).reshape(-1)
+        columns += int(cols.numel())
+        f2 = moved.fd.columns(p, cols).estimates[o].double()
+        slack = torch.zeros_like(t_flat[(o, p)])
+        slack[:, cols] = SLACK_FACTOR * (f2 - t_flat[(o, p)][:, cols]).abs().nan_to_num(0.0, 0.0, 0.0)
+        slacks[(o, p)] = slack
+        f, bar, _ = f_blocks[(o, p)]
+        gap = (a_flat[(o, p)] - f.double()).abs()
+        allow = judge.allowed(f.double(), scales[(o, p)], tolerance, slack)
+        cleared = bad & (gap <= allow + bar.double())
+        verdict[cleared & (bar.double() <= allow)] = int(Verdict.AGREE)
+        verdict[cleared & (bar.double() > allow)] = int(Verdict.UNVERIFIABLE)
+    return columns
+
+
+def _confirm(fd: FiniteDifferences, verdicts: dict[tuple[int, int], torch.Tensor],
+             a_flat: dict[tuple[int, int], torch.Tensor], scales: dict[tuple[int, int], torch.Tensor],
+             tolerance: Tolerance) -> int:
+    """Finite differences accuse alone only where a second, independent step sequence agrees."""
+    columns = 0
+    by_input: dict[int, torch.Tensor] = {}
+    for (o, p), verdict in verdicts.items():
+        hit = (verdict == int(Verdict.MISMATCH)).any(dim=0)
+        by_input[p] = hit if p not in by_input else (by_input[p] | hit)
+    for p, hit in by_input.items():
+        cols = torch.nonzero(hit).reshape(-1)
+        if not cols.numel():
+            continue
+        columns += int(cols.numel())
+        again = fd.columns(p, cols, sequence=1)
+        for (o, q), verdict in verdicts.items():
+            if q != p:
+                continue
+            a = a_flat[(o, p)][:, cols]
+            sub = judge.confirm(verdict[:, cols], a, again.estimates[o].double(), again.bars[o].double(),
+                                again.kinks[o], scales[(o, p)][:, cols], tolerance)
+            verdict[:, cols] = sub
+    return columns
+
+
+def norm_test(ctx: CaseContext, analytic: VjpSource, truth: Truth) -> list[Diagnosis]:
+    """||(A - R)^T u|| <= rtol ||R^T u|| for random u; a violation confirmed by finite
+    differences along the offending direction is a distributed error (a FAILED diagnosis)."""
+    reference = truth.reference
+    fd = truth.fd
+    gen = torch.Generator().manual_seed(ctx.case.seed + 313)
+    u = {o: torch.randn((NORM_PROBES, *out.shape), generator=gen, dtype=torch.float64)
+         for o, out in analytic.outputs.items()}
+    g_a = analytic.vjp(u)
+    g_r = reference.source.vjp(u) if reference.usable and reference.source is not None else None
+    rtol = ctx.tolerance.rtol
+    for b in range(NORM_PROBES):
+        a_vec = torch.cat([g_a[p][b].double() for p, _ in analytic.leaves])
+        if g_r is not None:
+            r_vec = torch.cat([g_r[p][b].double() for p, _ in analytic.leaves])
+            diff = a_vec - r_vec
+            size = float(torch.linalg.vector_norm(r_vec))
+            if float(torch.linalg.vector_norm(diff)) <= rtol * size:
+                continue
+            direction = diff / float(torch.linalg.vector_norm(diff))
+        else:
+            direction = torch.randn(a_vec.shape, generator=gen, dtype=torch.float64)
+            direction /= float(torch.linalg.vector_norm(direction))
+            size = float(torch.linalg.vector_norm(a_vec))
+        v, offset = {}, 0
+        for p, leaf in analytic.leaves:
+            v[p] = direction[offset:offset + leaf.numel()].reshape(leaf.shape)
+            offset += leaf.numel()
+        alpha = float(a_vec @ direction)
+        estimates, bars = fd.directional(v)
+        phi = sum(float((u[o][b].reshape(-1) * e.reshape(-1).double()).sum())
+                  for o, e in zip(fd.out_positions, estimates))
+        beta = sum(float((u[o][b].reshape(-1).abs() * e.reshape(-1).double()).sum())
+                   for o, e in zip(fd.out_positions, bars))
+        if not (math.isfinite(phi) and math.isfinite(beta)):
+            continue
+        if abs(alpha - phi) > rtol * size + beta and beta < abs(alpha - phi) / 2:
+            rho = float(torch.cat([g_r[p][b].double() for p, _ in analytic.leaves]) @ direction) if g_r is not None \
+                else phi
+            message = (f"every entry is within tolerance, but together they are not: ||(A - R)^T u|| exceeds "
+                       f"rtol x ||R^T u|| for a random u, and finite differences along the offending direction "
+                       f"confirm it (u^T A v = {alpha:.6g}, reference {rho:.6g}, finite differences {phi:.6g} "
+                       f"+- {beta:.2g})")
+            return [Diagnosis("distributed_error", message,
+                              hint="many entries are slightly off in the same direction: a missing small term, a "
+                                   "dropped eps, or a low-precision intermediate")]
+    return []
+
+
+def _analytic_detail(analytic: VjpSource) -> str:
+    return analytic.path + (f" (vmap fallback: {analytic.fallback_reason})" if analytic.fallback_reason else "")
+
+
+def assemble(ctx: CaseContext, truth: Truth, *, details: list[tuple[str, str]], entries: int, compared: int,
+             count: int, mismatches: list[Mismatch], diagnoses: list[Diagnosis], unverifiable: int, kinks: int,
+             excused: int, heatmaps: tuple[Any, ...], max_err: float, lower_bound: bool = False,
+             notes: tuple[str, ...] = (), guarantee: str = "", summary: str = "", message: str = "") -> CheckResult:
+    """The jacobian CheckResult from what one of the three paths found."""
+    notes_list = list(truth.notes) + list(notes)
+    if ctx.constrained:
+        notes_list.append("compared along " + "; ".join(f"{text} of {name}" for name, text in ctx.constrained.items())
+                          + " (the input's domain): entry (i, j) is the derivative along the projection of e_j")
+    if excused:
+        notes_list.append(f"{excused} entr{'y' if excused == 1 else 'ies'} where the reference disagrees with the "
+                          "backward but finite differences side with the backward: not accused")
+    failing = count > 0 or any(d.severity is Severity.ERROR for d in diagnoses)
+    if unverifiable and not failing:
+        where = " (the input is near a non-differentiable point)" if kinks else ""
+        text = (f"{unverifiable} entr{'y' if unverifiable == 1 else 'ies'} not judged: the backward disagrees with "
+                f"the reference there and finite differences cannot settle it{where}" if truth.reference.usable else
+                f"{unverifiable} entr{'y' if unverifiable == 1 else 'ies'} not judged: finite differences did not "
+                f"converge there{where}")
+        kind = "nondifferentiable_point" if kinks else "unverifiable"
+        diagnoses = list(diagnoses) + [Diagnosis(kind, text, severity=Severity.WARNING,
+                                                 hint="re-run with another --seed, or a --domain away from kinks"
+                                                 if kinks else "try another --seed or smaller values (--domain)")]
+    for note in notes_list:
+        details.append(("note", note))
+    more = f" (at least)" if lower_bound else ""
+    if failing:
+        status = Status.FAILED
+        if count:
+            message = f"{count}{'+' if lower_bound else ''} / {entries} Jacobian entries mismatched{more}"
+        else:
+            message = next(d.message for d in diagnoses if d.severity is Severity.ERROR)
+        summary = summary or (f"{count}{'+' if lower_bound else ''} / {entries}" if count else "norm-wise error")
+    elif unverifiable:
+        status = Status.WARNED
+        message = f"no mismatch among {compared - unverifiable} judged entries; {unverifiable} not judged"
+        summary = summary or f"0 / {entries}, {unverifiable} not judged"
+    else:
+        status = Status.PASSED
+        message = message or (f"all {compared} Jacobian entries match" if compared == entries else "no error found")
+        summary = summary or f"0 / {entries}"
+    return CheckResult(name=NAME, status=status, message=message, summary=summary, max_abs_err=max_err,
+                       mismatch_count=count, mismatch_count_is_lower_bound=lower_bound, total_entries=entries,
+                       compared_entries=compared, unverifiable_count=unverifiable, excused_count=excused,
+                       mismatches=tuple(mismatches), diagnoses=tuple(diagnoses), heatmaps=heatmaps,
+                       details=tuple(details), notes=tuple(notes_list), guarantee=guarantee)

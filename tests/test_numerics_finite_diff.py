@@ -1,0 +1,138 @@
+"""Finite differences: error bars that cover the error, no bar where the steps cannot resolve the
+function, kinks flagged, domain-aware steps, and batched evaluation equal to plain calls."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradverify.numerics.finite_diff import FiniteDifferences, first_steps
+
+
+def fd(f, x: torch.Tensor, **options) -> FiniteDifferences:  # type: ignore[no-untyped-def]
+    return FiniteDifferences(lambda args: (f(args[0]),), [x], [0], [0], **options)
+
+
+def diagonal(f, x: torch.Tensor, **options):  # type: ignore[no-untyped-def]
+    columns = fd(f, x, **options).columns(0, torch.arange(x.numel()))
+    return columns.estimates[0].diagonal(), columns.bars[0].diagonal(), columns.kinks[0].diagonal()
+
+
+def test_error_bars_cover_the_true_error_and_richardson_is_accurate() -> None:
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    est, bar, _ = diagonal(torch.exp, x)
+    err = (est - torch.exp(x)).abs()
+    assert bool((err <= bar).all())
+    assert float((err / torch.exp(x)).max()) < 1e-10  # far better than sqrt(eps)
+
+
+def test_steps_follow_the_magnitude_of_x_so_units_do_not_matter() -> None:
+    # The same function in other units: f(x) = sin(x / s) at x = x0 s, derivative cos(x0) / s.
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    for scale in (1e-9, 1.0, 1e6):
+        est, bar, _ = diagonal(lambda v, s=scale: torch.sin(v / s), x * scale)
+        exact = torch.cos(x) / scale
+        assert float(((est - exact).abs() / exact.abs()).max()) < 1e-9, scale
+        assert bool(((est - exact).abs() <= bar).all()), scale
+    assert math.isclose(float(first_steps(x * 1e-9, torch.eye(3, dtype=torch.float64))[0]) /
+                        float(first_steps(x, torch.eye(3, dtype=torch.float64))[0]), 1e-9, rel_tol=0.5)
+
+
+def test_log_near_zero_is_resolved_by_relative_steps() -> None:
+    x = torch.tensor([1e-5, 2e-5, 1.0], dtype=torch.float64)
+    est, bar, _ = diagonal(torch.log, x)
+    assert float(((est - 1 / x).abs() * x).max()) < 1e-10 and bool(((est - 1 / x).abs() <= bar).all())
+
+
+def test_a_step_leaving_the_domain_is_shrunk_for_that_entry_only() -> None:
+    # rms is ~1.4, so the first step of the 1e-6 entry (floored at 1e-3 rms) crosses zero: sqrt is NaN
+    # there until the step is divided down; the other entries keep their steps.
+    x = torch.tensor([1e-6, 2.0, 1.0], dtype=torch.float64)
+    est, bar, _ = diagonal(torch.sqrt, x)
+    exact = 0.5 / torch.sqrt(x)
+    assert bool(torch.isfinite(est).all()) and float(((est - exact) / exact).abs().max()) < 1e-6
+
+
+def test_an_unresolved_function_gets_no_bar_instead_of_a_false_one() -> None:
+    # |x| at 1e-9 in a tensor whose values are ~1: every step is larger than 1e-9, the central
+    # differences grow as the step shrinks (not the h^2 regime), so the estimate gets no bar.
+    x = torch.tensor([0.3, 1e-9, 0.5], dtype=torch.float64)
+    est, bar, _ = diagonal(torch.abs, x)
+    assert math.isinf(float(bar[1])) and float(bar[0]) < 1e-9
+
+
+def test_exact_kink_is_flagged_with_a_bar_as_wide_as_the_slope_jump() -> None:
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    est, bar, kink = diagonal(torch.abs, x)
+    assert kink.tolist() == [True, False, False]
+    assert float(bar[0]) >= 1.0  # anything between the one-sided slopes -1 and 1
+
+
+def test_second_step_sequence_uses_other_sample_points() -> None:
+    x = torch.tensor([0.7], dtype=torch.float64)
+    first = first_steps(x, torch.eye(1, dtype=torch.float64), 0)
+    second = first_steps(x, torch.eye(1, dtype=torch.float64), 1)
+    assert float(second[0]) == 0.75 * float(first[0])
+    # Both sequences agree on a smooth function.
+    f = fd(torch.sin, x)
+    a, b = f.columns(0, torch.arange(1)), f.columns(0, torch.arange(1), sequence=1)
+    assert abs(float(a.estimates[0][0, 0]) - float(b.estimates[0][0, 0])) < 1e-10
+
+
+def test_columns_are_memoised() -> None:
+    x = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = fd(torch.sin, x)
+    f.columns(0, torch.tensor([1, 3]))
+    before = f.evaluations
+    again = f.columns(0, torch.tensor([3, 1]))
+    assert f.evaluations == before
+    assert torch.allclose(again.estimates[0][:, 0], torch.cos(x) * torch.eye(5, dtype=torch.float64)[3], atol=1e-9)
+
+
+def test_batched_evaluation_equals_plain_calls_and_a_mixing_batch_is_not_trusted() -> None:
+    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+
+    def evaluate(args: list) -> tuple[torch.Tensor, ...]:  # type: ignore[type-arg]
+        return (args[0] / args[0].sum(0),)
+
+    def batched(args: list, pos: int, X: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[type-arg]
+        return (X / X.sum(1, keepdim=True),)
+
+    plain = FiniteDifferences(evaluate, [x], [0], [0]).columns(0, torch.arange(12))
+    fast = FiniteDifferences(evaluate, [x], [0], [0], batched=batched, max_bytes=4096)
+    cols = fast.columns(0, torch.arange(12))
+    assert fast.path == "batched"
+    assert torch.allclose(cols.estimates[0], plain.estimates[0], atol=1e-10)
+
+    def mixing(args: list, pos: int, X: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[type-arg]
+        return (X / X.sum(1, keepdim=True) + 1e-3 * X.roll(1, dims=0),)  # runs, but mixes the batch
+
+    wrong = FiniteDifferences(evaluate, [x], [0], [0], batched=mixing)
+    cols = wrong.columns(0, torch.arange(12))
+    assert wrong.path == "loop" and "disagreed" in wrong.fallback_reason
+    assert torch.allclose(cols.estimates[0], plain.estimates[0], atol=1e-10)
+
+
+def test_tangent_directions_stay_on_the_constraint_set() -> None:
+    from gradverify.domains import DOMAINS
+
+    x = DOMAINS["spd"].sample(torch.Generator().manual_seed(0), (3, 3))
+    f = FiniteDifferences(lambda args: (args[0] @ args[0],), [x], [0], [0],
+                          tangents={0: DOMAINS["spd"].tangent})
+    d = f.unit_directions(0, torch.tensor([1]))
+    assert torch.allclose(d.reshape(3, 3), d.reshape(3, 3).T)  # (e_01 + e_10) / 2
+    cols = f.columns(0, torch.tensor([1]))
+    v = d.reshape(3, 3)
+    exact = (x @ v + v @ x).reshape(-1)  # d/dt (x + t v)^2
+    assert torch.allclose(cols.estimates[0][:, 0], exact, atol=1e-9)
+
+
+def test_directional_derivative_along_every_input() -> None:
+    x = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f = FiniteDifferences(lambda args: (args[0] * args[1],), [x, w], [0, 1], [0])
+    vx, vw = torch.ones(3, dtype=torch.float64), 2 * torch.ones(3, dtype=torch.float64)
+    (est,), (bar,) = f.directional({0: vx, 1: vw})
+    exact = vx * w + x * vw
+    assert torch.allclose(est, exact, atol=1e-9) and bool(((est - exact).abs() <= bar + 1e-15).all())

@@ -1,0 +1,68 @@
+"""The streamed full check gives the dense check's answer; projections state what they guarantee."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import gradverify
+from gradverify.numerics.projection import smallest_detectable
+
+
+class ColumnNormalizeDiagonal(torch.autograd.Function):
+    """Backward keeps the diagonal only: missing off-diagonal terms."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        s = x.sum(0)
+        ctx.save_for_backward(x, s)
+        return x / s
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        x, s = ctx.saved_tensors
+        return g * (1 / s - x / s**2)
+
+
+class Good(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return g * torch.cos(x)
+
+
+def _jacobian(report: gradverify.Report):  # type: ignore[no-untyped-def]
+    return next(c for c in report.cases[0].checks if c.name == "jacobian")
+
+
+def test_streamed_check_equals_dense_check() -> None:
+    x = torch.rand(20, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    dense = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", mode="full"))
+    streamed = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", mode="full",
+                                           max_memory=2**20))  # forces row chunks of the 240 x 240 Jacobian
+    assert "streamed" in dict(streamed.details)["mode"] and "whole blocks" in dict(dense.details)["mode"]
+    assert dense.mismatch_count == streamed.mismatch_count == 20 * 19 * 12
+    assert {(m.out_index, m.in_index) for m in dense.mismatches} == \
+        {(m.out_index, m.in_index) for m in streamed.mismatches}
+    assert math.isclose(dense.max_abs_err or 0, streamed.max_abs_err or 0, rel_tol=1e-12)
+    assert any(d.kind == "missing_offdiag" and "dim 0" in d.message for d in streamed.diagnoses)
+    # Only the columns holding mismatches were differenced, and every one of them was.
+    assert dict(streamed.details)["finite differences"].startswith("240 columns")
+
+
+def test_passing_case_differences_no_column() -> None:
+    report = gradverify.verify(Good, torch.randn(5, 4, dtype=torch.float64), gradcheck="off")
+    check = _jacobian(report)
+    assert report.ok and dict(check.details)["finite differences"].startswith("0 columns")
+
+
+def test_smallest_detectable_scales_with_tolerance() -> None:
+    small, large = smallest_detectable(1e-9), smallest_detectable(1e-6)
+    assert math.isclose(large / small, 1000, rel_tol=1e-6)
+    assert 1e-9 < small < 1e-6  # four probes: a few tens of tolerances
