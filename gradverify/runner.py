@@ -232,7 +232,7 @@ def link_causes(checks: list[CheckResult]) -> list[CheckResult]:
     if contract is None:
         return checks
     found = {d.kind for d in contract.diagnoses if d.severity is Severity.ERROR}
-    none_inputs = {d.input for d in contract.diagnoses if d.kind == "none_grad"}
+    none_inputs = {d.input for d in contract.diagnoses if d.kind in ("none_grad", "needs_input_grad")}
     linked: list[CheckResult] = []
     for check in checks:
         if check.name != "jacobian" or check.status is not Status.FAILED:
@@ -241,8 +241,10 @@ def link_causes(checks: list[CheckResult]) -> list[CheckResult]:
         diagnoses = [d for d in check.diagnoses if not (d.kind == "zero_grad" and d.input in none_inputs)]
         for d in check.diagnoses:
             if d.kind == "zero_grad" and d.input in none_inputs:
-                diagnoses.append(Diagnosis("none_grad", f"∂{d.output}/∂{d.input} is zero because backward returned "
-                                                        f"None for {d.input}", output=d.output, input=d.input))
+                cause = next(c.kind for c in contract.diagnoses if c.input == d.input and c.kind in
+                             ("none_grad", "needs_input_grad"))
+                diagnoses.append(Diagnosis(cause, f"∂{d.output}/∂{d.input} is zero because backward returned "
+                                                  f"None for {d.input}", output=d.output, input=d.input))
         for kind, (new_kind, text) in _CAUSES.items():
             if kind in found and not any(d.kind == new_kind for d in diagnoses):
                 diagnoses = [Diagnosis(new_kind, text, evidence="; ".join(d.message for d in diagnoses)[:300])]

@@ -74,8 +74,12 @@ def frame_owner(filename: str) -> str:
 
 def raised_by_gradverify(exc: BaseException) -> bool:
     """True when the innermost frame that is ours or the user's is ours and is not a boundary
-    into user code (below the first frame, which is the `user_code` block itself)."""
-    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)][1:]
+    into user code. The traceback starts with the `user_code` generator (the exception was
+    thrown into it) and the function holding the `with` block: neither is evidence."""
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    if frames and frames[0].f_code is user_code.__wrapped__.__code__:  # type: ignore[attr-defined]
+        frames = frames[1:]
+    frames = frames[1:]
     for frame in reversed(frames):
         owner = frame_owner(frame.f_code.co_filename)
         if owner == "user":

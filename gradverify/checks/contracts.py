@@ -185,11 +185,25 @@ def _structure(ctx: CaseContext, grads: tuple[Any, ...], was_list: bool, wrote: 
         passed.append("grad_output_inplace")
     diff = set(ctx.diff_positions)
     before = len(findings)
+    # Gradients computed for inputs that need none, while one that needs a gradient gets None:
+    # the ctx.needs_input_grad guards test the wrong indices.
+    extra_grads = [ctx.input_names[pos] for k, pos in enumerate(positional)
+                   if pos not in diff and isinstance(ctx.run.args[pos], torch.Tensor)
+                   and (ctx.run.args[pos].is_floating_point() or ctx.run.args[pos].is_complex())
+                   and k < len(grads) and grads[k] is not None]
     for k, pos in enumerate(positional):
         if pos not in diff:
             continue
         grad, arg, name = grads[k], ctx.run.args[pos], ctx.input_names[pos]
         if grad is None:
+            if extra_grads:
+                findings.append(_Finding("grad_meta", Diagnosis(
+                    "needs_input_grad",
+                    f"backward returned None for {name}, which needs grad, and a gradient for "
+                    f"{', '.join(extra_grads)}, which needs none: the ctx.needs_input_grad guards test the wrong "
+                    "indices", input=name,
+                    hint="each `if ctx.needs_input_grad[i]` must guard the gradient of forward's i-th input")))
+                continue
             findings.append(_Finding("grad_meta", Diagnosis(
                 "none_grad", f"backward returned None for {name}, which needs grad: its gradient is silently zero",
                 input=name, hint=f"return the gradient of the loss w.r.t. {name}")))
