@@ -40,8 +40,10 @@ from gradverify.usercode import UserCodeError
 
 Tangent = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-START_LEVELS = 3
-MAX_LEVELS = 8
+START_LEVELS = 4
+MAX_LEVELS = 10
+# The second, independent step sequence starts at this fraction of the first one's step.
+SECOND_SEQUENCE = 2 ** -0.5
 SHRINK = 8.0
 MAX_SHRINKS = 6
 # Floor of the first step, relative to the tensor's rms, for entries at or near zero.
@@ -75,9 +77,9 @@ class _Table:
 def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) -> torch.Tensor:
     """The first step for each direction (rows of `directions`, flattened like x).
 
-    sequence 1 starts at 3/4 of sequence 0's step: its sample points are none of the first
-    sequence's, so an estimate that only looks converged by aliasing (steps resonating with an
-    oscillation, sin(1e5 x)) does not survive both."""
+    sequence 1 starts at 1/sqrt(2) of sequence 0's step: its steps fall halfway (geometrically)
+    between the first sequence's, so an estimate that only looks converged by aliasing (steps
+    resonating with an oscillation, sin(1e5 x)) does not reproduce from both."""
     eps = torch.finfo(x.dtype if x.is_floating_point() else torch.float64).eps
     flat = x.detach().reshape(-1).abs().to(torch.float64)
     rms = float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0
@@ -89,7 +91,7 @@ def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) ->
     mag = torch.clamp(mag, min=RELATIVE_FLOOR * typical)
     d_norm = d.amax(dim=1).clamp_min(1e-300)
     raw = eps ** 0.2 * mag / d_norm
-    return torch.exp2(torch.round(torch.log2(raw))) * (0.75 if sequence else 1.0)
+    return torch.exp2(torch.round(torch.log2(raw))) * (SECOND_SEQUENCE if sequence else 1.0)
 
 
 def _tableau(table: _Table) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +164,22 @@ def asymptotic(table: _Table, eps: float) -> torch.Tensor:
     older = (d_prev - d_prev2).abs()
     finite = torch.where(torch.isfinite(d_last), d_last.abs(), torch.zeros_like(d_last))
     column = finite.amax(dim=1, keepdim=True)
-    settled = newer <= (eps ** 0.5 / 16) * torch.maximum(finite, column)
-    return (newer <= 0.5 * older) | (newer <= 4 * table.last_floor) | settled
+    size = torch.maximum(finite, column)
+    settled = newer <= (eps ** 0.5 / 16) * size
+    # In the h^2 regime successive differences shrink by 4 when h halves; before it (or under
+    # aliasing) the ratio wanders. A window around 4 rather than "shrinks at all".
+    behaves = ((newer >= older / 6) & (newer <= older / 2.5)) | (newer <= 4 * table.last_floor) | settled
+    # Resolved: the step is small against the scale the function varies on. The one-sided gap
+    # |f(x+h) + f(x-h) - 2 f(x)| / h is ~|f''| h; for sin(k x) it is ~k h |f'|, and Richardson
+    # is accurate once k h < 1 -- so the gap must stay below half the derivative's size, or
+    # shrink with h (a smooth point where f' = 0: x**2 at 0), or sit at rounding. A function
+    # oscillating many times within the step (sin(1e5 x) with h ~ 7e-4) fails all three, even
+    # where its central differences happen to look converged (aliasing).
+    assert table.last_gap is not None
+    prev_gap = table.prev_gap if table.prev_gap is not None else table.last_gap
+    halving = (table.last_gap >= 0.35 * prev_gap) & (table.last_gap <= 0.65 * prev_gap)
+    resolved = ((table.last_gap <= 0.5 * size) | halving | (table.last_gap <= 16 * table.last_floor))
+    return behaves & resolved
 
 
 def kinks_of(table: _Table, best: torch.Tensor) -> torch.Tensor:
@@ -436,7 +452,7 @@ class FiniteDifferences:
             mags.append(max(float(x.abs().max()) if x.numel() else 0.0, RELATIVE_FLOOR * rms) or 1.0)
             norms.append(float(v.abs().max()) if v.numel() else 0.0)
         v_norm = max(norms) or 1.0
-        h = 2.0 ** round(math.log2(eps ** 0.2 * max(mags) / v_norm)) * (0.75 if sequence else 1.0)
+        h = 2.0 ** round(math.log2(eps ** 0.2 * max(mags) / v_norm)) * (SECOND_SEQUENCE if sequence else 1.0)
         f0 = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0])
 
         def at(t: float) -> torch.Tensor:

@@ -108,11 +108,22 @@ def finite_differences_only(a: torch.Tensor, f: torch.Tensor, bar: torch.Tensor,
     return verdict
 
 
+def consistent(f1: torch.Tensor, bar1: torch.Tensor, f2: torch.Tensor, bar2: torch.Tensor) -> torch.Tensor:
+    """Two finite-difference estimates from disjoint step sequences agree within their bars. An
+    estimate that only looks converged by aliasing (steps resonating with an oscillation) does
+    not reproduce from other sample points, so agreement is what makes F a truth to accuse with."""
+    return torch.isfinite(f1) & torch.isfinite(f2) & ((f1 - f2).abs() <= bar1 + bar2)
+
+
 def confirm(verdict: torch.Tensor, a: torch.Tensor, f2: torch.Tensor, bar2: torch.Tensor, kink2: torch.Tensor,
-            scale: torch.Tensor, tolerance: Tolerance, slack: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep a MISMATCH only where a second, independent finite-difference estimate also excludes A."""
+            scale: torch.Tensor, tolerance: Tolerance, slack: torch.Tensor | None = None,
+            f1: torch.Tensor | None = None, bar1: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep a MISMATCH only where a second, independent finite-difference estimate agrees with
+    the first (`f1`, `bar1`) and also excludes A."""
     a_finite = torch.isfinite(a)
     usable = torch.isfinite(f2) & torch.isfinite(bar2) & ~kink2
+    if f1 is not None and bar1 is not None:
+        usable &= consistent(f1, bar1, f2, bar2)
     gap = torch.where(a_finite, (a - f2).abs(), torch.full_like(a, float("inf")))
     still = usable & (gap > allowed(f2, scale, tolerance, slack) + bar2)
     out = verdict.clone()

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from gradverify.numerics import judge
 from gradverify.numerics.finite_diff import FiniteDifferences
 from gradverify.numerics.forward import CallSignature, clone_args, is_differentiable_output
 from gradverify.numerics.vjp import Tangent, VjpSource
@@ -110,13 +111,17 @@ def validate(reference: Reference, fd: FiniteDifferences, seed: int) -> Referenc
             return replace(reference, source=None, status="unavailable",
                            reason=f"autograd through the forward body failed ({type(exc.original).__name__})")
         verdicts = []
+        readings = []
         for sequence in (0, 1):
             estimates, bars = fd.directional(v, sequence=sequence)
+            readings.append((estimates, bars))
             verdicts.append(_compare(rows, u, v, estimates, bars, fd, source))
             if verdicts[-1][0] != "disagree":
                 break
         status, diff, r_zero = verdicts[-1]
         zero_reference &= r_zero
+        if status == "disagree" and len(readings) == 2 and not _sequences_agree(readings):
+            status = "inconclusive"  # the two step sequences disagree with each other: aliasing
         if status == "disagree" and verdicts[0][0] == "disagree":
             worst = max(worst, diff)
             if zero_reference:
@@ -133,6 +138,13 @@ def validate(reference: Reference, fd: FiniteDifferences, seed: int) -> Referenc
     return replace(reference, status="unvalidated",
                    reason="finite differences did not resolve the op along any random direction, so the reference "
                           "could not be validated; it is used as it is exact where the op is differentiable")
+
+
+def _sequences_agree(readings: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]) -> bool:
+    """Two disjoint step sequences give the same directional derivative within their bars."""
+    (e1, b1), (e2, b2) = readings
+    return all(bool(judge.consistent(x1.double(), y1.double(), x2.double(), y2.double()).all())
+               for x1, y1, x2, y2 in zip(e1, b1, e2, b2))
 
 
 def _compare(rows: dict[int, torch.Tensor], u: dict[int, torch.Tensor], v: dict[int, torch.Tensor],

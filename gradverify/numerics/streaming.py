@@ -42,6 +42,7 @@ class _Block:
     a: list[torch.Tensor] = field(default_factory=list)
     t: list[torch.Tensor] = field(default_factory=list)
     scale: list[torch.Tensor] = field(default_factory=list)
+    zero_row: list[torch.Tensor] = field(default_factory=list)
     nonzero: torch.Tensor | None = None
 
     @property
@@ -95,7 +96,8 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
                 st.max_truth = max(st.max_truth, float(row_max.max()))
                 # Rows whose truth is all zero take the block's largest entry seen so far; the
                 # entries kept from them are judged again with the final one at the end.
-                scale = torch.where(row_max > 0, row_max, torch.full_like(row_max, st.max_truth or 1.0))
+                zero_rows = row_max == 0
+                scale = torch.where(zero_rows, torch.full_like(row_max, st.max_truth or 1.0), row_max)
                 scale = scale.unsqueeze(1).expand_as(t)
                 err = torch.where(torch.isfinite(a), (a - t).abs(), torch.full_like(a, math.inf))
                 st.max_err = max(st.max_err, float(torch.where(torch.isfinite(t), err, torch.zeros_like(err)).max()))
@@ -113,6 +115,7 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
                 st.a.append(a[r, c])
                 st.t.append(t[r, c])
                 st.scale.append(scale[r, c])
+                st.zero_row.append(zero_rows[r])
                 stored += count
     return _judge(ctx, analytic, truth, blocks, entries, chunks, overflow, assemble, norm_test)
 
@@ -157,8 +160,10 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
             continue
         rows, cols = torch.cat(st.rows), torch.cat(st.cols)
         a, t, scale = torch.cat(st.a), torch.cat(st.t), torch.cat(st.scale)
-        # Entries kept from all-zero truth rows: judge them again with the block's final scale.
-        final = torch.where(scale < st.max_truth, torch.full_like(scale, st.max_truth), scale) if st.max_truth else scale
+        # Entries kept from all-zero truth rows were screened with the block's largest entry so
+        # far: judge them again with the block's final one (every other entry keeps its row's).
+        zero_row = torch.cat(st.zero_row)
+        final = torch.where(zero_row, torch.full_like(scale, st.max_truth or 1.0), scale)
         keep = judge.disagrees(a, t, final, tolerance)
         rows, cols, a, t, scale = rows[keep], cols[keep], a[keep], t[keep], final[keep]
         if not rows.numel():
