@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from gradverify.precommit import covered_files, is_spec, select_specs
 
@@ -213,6 +213,47 @@ def test_deciding_imports_neither_torch_nor_the_specs(project: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_commit_with_nothing_to_check_passes_without_importing_torch(project: Path) -> None:
+    # The command line itself, as the hook runs it, on files no spec covers.
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else 'torch not imported'))\n"
+            "from gradverify.cli import main\n"
+            "sys.argv = ['gradverify', 'check', '--changed', 'README.md', 'util.py', 'ops/kernels_gone.py']\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=project,
+                          env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("torch not imported"), done.stdout + done.stderr
+
+
+# --- ops defined elsewhere, as docs/ci.md tells ------------------------------------------------
+
+
+def test_an_op_imported_into_a_spec_in_a_subfolder_is_checked_once_declared(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    _write(project, {
+        "pyproject.toml": "[project]\nname = 'demo'\n",
+        "mypkg/__init__.py": "",
+        "mypkg/ops.py": OP.format(grad=WRONG),
+        # Only imported: not an op of this file, and the error says what to do.
+        "specs/imported.py": "import gradverify as gv\nfrom mypkg.ops import Normalize\n",
+        # Declared by calling the decorator on the imported op.
+        "specs/declared.py": "import gradverify as gv\nfrom mypkg.ops import Normalize\n\n"
+                             "normalize = gv.check(inputs={'x': gv.tensor(3, 3, domain='positive')})(Normalize)\n",
+    })
+    assert is_spec(project / "specs/declared.py", root=project) and not is_spec(project / "specs/imported.py")
+    # Run from outside the project: `mypkg` is importable only through gradverify's project root.
+    env = {"PYTHONPATH": str(REPO)}
+    missing = run_cli("check", str(project / "specs/imported.py"), cwd=tmp_path, env=env)
+    assert missing.code == 2, missing.stderr
+    assert "no op is defined in this file" in missing.stderr and "subclass and decorate it" in missing.stderr
+    assert "gradverify.check(inputs=...)(imported_op)" in missing.stderr and "Traceback" not in missing.stderr
+    declared = run_cli("check", str(project / "specs/declared.py"), "--format", "plain", cwd=tmp_path, env=env)
+    assert declared.code == 1, declared.stdout + declared.stderr
+    assert "[missing_offdiag]" in declared.stdout and "ModuleNotFoundError" not in declared.stdout + declared.stderr
+
+
 # --- the hooks manifest -------------------------------------------------------------------------
 
 
@@ -291,21 +332,18 @@ def _project(root: Path, config: str, run: Run) -> None:
     assert installed.returncode == 0, installed.stdout + installed.stderr
 
 
+def _documented_local_hook() -> str:
+    """docs/ci.md's `repo: local` recipe, as a user copies it."""
+    text = (REPO / "docs/ci.md").read_text()
+    blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("yaml") and "repo: local" in b]
+    assert len(blocks) == 1, "docs/ci.md should show one `repo: local` recipe"
+    return blocks[0]
+
+
 def test_local_hook_blocks_a_broken_backward_and_lets_the_fix_through(tmp_path: Path, tools: dict[str, str]) -> None:
     repo = tmp_path / "project"
     run = _runner(repo, tools)
-    # docs/ci.md's `repo: local` recipe, word for word.
-    _project(repo, """\
-        repos:
-          - repo: local
-            hooks:
-              - id: gradverify
-                name: gradverify
-                entry: gradverify check --changed
-                language: system
-                files: \\.(py|ya?ml)$
-                require_serial: true
-        """, run)
+    _project(repo, _documented_local_hook(), run)
     run("git", "add", "-A")
     first = run("git", "commit", "-m", "correct op and its spec")
     assert first.returncode == 0, first.stdout + first.stderr

@@ -271,6 +271,10 @@ def test_spec_files_are_collected_one_item_per_op_and_case(spec_project: pytest.
     assert result.ret == 0, result.stdout.str()
     # Not the helper module, nor softplus.py on its own (its YAML spec is its spec), nor ops/.
     assert _collected(result) == EXPECTED_ITEMS
+    # Marked: `-m gradverify` keeps the spec cases and nothing else.
+    marked = spec_project.runpytest("-p", "no:cacheprovider", "--gradverify", "specs", "test_plain.py",
+                                    "--collect-only", "-q", "-m", "gradverify")
+    assert _collected(marked) == EXPECTED_ITEMS
 
 
 def test_without_the_option_specs_are_not_collected_and_torch_is_not_imported(
