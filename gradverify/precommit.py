@@ -193,6 +193,8 @@ class _Resolver:
         return None if unknown else False
 
     def base_is_function(self, path: Path, base: ast.expr, names: _Names, depth: int) -> bool | None:
+        if isinstance(base, ast.Subscript):
+            base = base.value  # `Generic[T]`: the class is `Generic`
         dotted = _dotted(base)
         if not dotted:
             return None  # a computed base (`make_base()`)

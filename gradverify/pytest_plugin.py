@@ -234,8 +234,9 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """pytest's Python collector also takes a .py file named on the command line (or matching
-    python_files); importing a spec as a test module would run it twice (a custom op registered
-    twice raises). Its SpecFile collects it; this empty node stands in for the test module."""
+    python_files); importing a spec as a test module too would run its code twice (every
+    side effect and registration twice). SpecFile collects it; this empty node stands in for
+    the test module."""
     if _collects_as_spec(module_path, parent):
         return _SpecPlaceholder.from_parent(parent, path=module_path)
     return None
@@ -252,7 +253,9 @@ def case_id(case: Case) -> str:
     """`input(4,3) weight(5,3) float64 cpu`: the tensors a case passes, its dtype and device."""
     parts = []
     for param in case.tensor_inputs:
-        text = f"{param.name}({','.join(map(str, param.shape or ()))})"
+        # `x(?)`: no shape applies (a case skipped because --shape gives another number of shapes).
+        shape = "?" if param.shape is None else ",".join(map(str, param.shape))
+        text = f"{param.name}({shape})"
         if param.dtype and not param.is_float_tensor:
             text += f" {param.dtype}"
         parts.append(text)
@@ -283,6 +286,7 @@ class SpecFile(pytest.File):
         from gradverify.cases import expand_cases
         from gradverify.config import resolve_settings
         from gradverify.errors import GradverifyError, NoFunctionError
+        from gradverify.runner import device_unavailable
 
         try:
             settings = resolve_settings({}, self.path.parent)
@@ -299,8 +303,21 @@ class SpecFile(pytest.File):
             item = CaseItem.from_parent(self, name=name, nodeid=f"{self.nodeid}::{name}", case=case,
                                         settings=settings)
             item.add_marker("gradverify")
+            # Known before running: a skip marker, so pytest reports it at the item (`-rs`).
+            reason = case.skip_reason or (None if settings.require_device else device_unavailable(case.device))
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
             items.append(item)
         return items
+
+
+def _skip_here(reason: str) -> None:
+    """pytest.skip, reported at the item rather than at this line of the plugin (pytest >= 7)."""
+    try:
+        exc = pytest.skip.Exception(reason, _use_item_location=True)
+    except TypeError:  # an older pytest
+        exc = pytest.skip.Exception(reason)
+    raise exc
 
 
 class CaseItem(pytest.Item):
@@ -319,13 +336,15 @@ class CaseItem(pytest.Item):
         result = run_case(self.case, self.settings)
         self.result = result
         if result.status is Status.SKIPPED:
-            pytest.skip(result.message.removeprefix("skipped: ") or "skipped")
+            _skip_here(result.message.removeprefix("skipped: ") or "skipped")
         if result.status is Status.XFAIL:
             pytest.xfail(summary_line(result))
         if not result.ok:
             raise CaseFailed(result)
         if result.status in (Status.WARNED, Status.XPASS):
-            warnings.warn(GradverifyWarning(summary_line(result)), stacklevel=1)
+            file, line, _ = self.reportinfo()
+            warnings.warn_explicit(GradverifyWarning(summary_line(result)), GradverifyWarning, str(file),
+                                   (line or 0) + 1)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str | Any:

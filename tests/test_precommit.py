@@ -94,6 +94,7 @@ def test_python_specs_are_recognised_from_their_text(tmp_path: Path, source: str
     ("tool.py", "import gradverify\nfrom typing import NamedTuple\nclass Row(NamedTuple): a: int\n"),
     ("tool.py", "import torch, gradverify\nclass Net(torch.nn.Module): pass\nclass E(ValueError): pass\n"),
     ("tool.py", "import gradverify\nclass Base: pass\nclass Helper(Base): pass\n"),
+    ("tool.py", "import gradverify\nfrom typing import Generic, TypeVar\nT = TypeVar('T')\nclass Box(Generic[T]): pass\n"),
     ("tool.py", "import gradverify as gv\ndef helper(x): return gv.check\n"),
     ("test_ops.py", "import torch, gradverify\nclass F(torch.autograd.Function): pass\n"),  # pytest's
     ("notes.txt", "import gradverify\nclass F(torch.autograd.Function): pass\n"),

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch  # noqa: F401  pytester's in-process runs drop modules they imported; torch cannot load twice
@@ -300,6 +299,62 @@ def test_items_run_with_k_selection_and_a_failure_starts_with_the_summary(spec_p
     result.stdout.fnmatch_lines(["*reproduce: gradverify check specs/column_normalize_buggy.py --op ColumnNormalize *"])
 
 
+STATUSES = '''
+import torch
+import gradverify as gv
+
+
+class Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return 2 * grad_output
+
+
+@gv.check(inputs={"x": gv.tensor(4, domain="nonzero")}, surrogate="straight-through estimator")
+class RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output
+
+
+@gv.check(inputs={"x": gv.tensor(2, 3), "b": gv.tensor(3)})
+class AddBias(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b):
+        return x + b
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, grad_output  # b's gradient left for the engine to sum-reduce
+'''
+
+
+def test_case_statuses_become_pytest_outcomes_and_settings_come_from_pyproject(pytester: pytest.Pytester) -> None:
+    # [tool.gradverify] shapes apply to the op that declares none: "3;3" gives it one shape too many.
+    pytester.makefile(".toml", pyproject="[tool.gradverify]\nshapes = [\"3\", \"3;3\"]\ndtypes = [\"float64\", \"float32\"]\n")
+    pytester.makepyfile(statuses=STATUSES)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--gradverify", "statuses.py", "-rsx", "-v")
+    # Double: 2 shape sets x 2 dtypes; RoundSTE and AddBias declare their shapes: their 2 dtypes each.
+    result.assert_outcomes(passed=4, skipped=2, xfailed=2, warnings=2)
+    result.stdout.fnmatch_lines([
+        "*statuses.py::Double[[]x(3) float32 cpu[]] PASSED*",
+        "*statuses.py::Double[[]x(?) float64 cpu[]] SKIPPED (--shape 3;3 gives 2 shapes but Double takes 1 tensor*",
+        "*GradverifyWarning: AddBias x(2,3) b(3) float64 cpu: contracts WARN: gradient for b has shape (2, 3)*"
+        "[[]engine_reduced[]]",
+        "SKIPPED [[]2[]] statuses.py: --shape 3;3 gives 2 shapes*",  # at the item, not inside the plugin
+        "XFAIL statuses.py::RoundSTE[[]x(4) float64 cpu[]] - RoundSTE x(4) float64 cpu: jacobian XFAIL: 4 / 16 "
+        "Jacobian entries mismatched (expected: straight-through estimator)*",
+    ])
+
+
 def test_last_failed_reruns_only_the_failing_cases(spec_project: pytest.Pytester) -> None:
     first = spec_project.runpytest("--gradverify", "specs")
     first.assert_outcomes(passed=8, failed=2)
@@ -332,7 +387,7 @@ def test_a_broken_spec_is_a_one_line_collection_error(spec_project: pytest.Pytes
 
 def test_a_spec_named_on_the_command_line_is_imported_once(spec_project: pytest.Pytester) -> None:
     # pytest's own Python collector takes any .py file named on the command line; importing a
-    # spec as a test module too would run it twice (a custom op registered twice raises).
+    # spec as a test module too would run its code twice.
     (spec_project.path / "specs/counted.py").write_text(
         "import torch\nimport gradverify as gv\n\nwith open('imports.log', 'a') as log:\n    log.write('import\\n')\n\n\n"
         "@gv.check(inputs={'x': gv.tensor(4)})\nclass Twice(torch.autograd.Function):\n"
