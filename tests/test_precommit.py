@@ -395,13 +395,13 @@ def test_remote_system_hook_runs_in_the_users_environment(tmp_path: Path, tools:
             hooks:
               - id: gradverify-system
         """, run)
-    run("git", "add", "-A")
-    first = run("git", "commit", "-m", "correct op and its spec")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "gradverify (your environment)...." in first.stderr and "Passed" in first.stderr
-
+    # One commit, wrong backward included: the hook runs the spec (which imports the project)
+    # with the environment's gradverify and blocks it. (Passing commits: the test above.)
     (repo / "ops/normalize.py").write_text(OP.format(grad=WRONG))
-    run("git", "add", "ops/normalize.py")
+    run("git", "add", "-A")
     blocked = run("git", "commit", "-m", "diagonal-only backward")
     out = blocked.stdout + blocked.stderr
-    assert blocked.returncode != 0 and "[missing_offdiag]" in out and "ModuleNotFoundError" not in out, out
+    assert blocked.returncode != 0, out
+    assert "gradverify (your environment)...." in out and "Failed" in out, out
+    assert "[missing_offdiag]" in out and "NormalizeSpec" in out and "ModuleNotFoundError" not in out, out
+    assert run("git", "rev-list", "--all").stdout.strip() == ""  # nothing was committed
