@@ -166,6 +166,8 @@ def check(
 
 def _domains(values: List[str]) -> tuple[Optional[str], tuple[tuple[str, str], ...]]:
     """--domain DOMAIN (every input) and --domain NAME=DOMAIN (one input)."""
+    if not values:
+        return None, ()  # gradverify.cases imports torch: not for a pre-commit run that checks nothing
     from gradverify.cases import check_domain
     from gradverify.errors import UsageError
 
@@ -203,6 +205,8 @@ def _args(values: List[str]) -> tuple[tuple[str, object], ...]:
 
 
 def _check_list(values: List[str], flag: str) -> tuple[str, ...]:
+    if not values:
+        return ()  # gradverify.checks imports torch: not for a pre-commit run that checks nothing
     from gradverify.checks import check_names
     from gradverify.config import did_you_mean
 
