@@ -118,6 +118,25 @@ def run_case(case: Case, settings: Settings, values: list[Any] | None = None,
     return replace(result, duration_s=time.perf_counter() - started)
 
 
+def broadcast_note(case: Case) -> str:
+    """Two or more floating tensor inputs, all of one shape that one --shape (or the default)
+    gave them: broadcasting, where many backwards go wrong (an unreduced bias gradient), was
+    not exercised. Say so, and how to give one shape per input."""
+    floats = [p for p in case.inputs if p.is_tensor and p.is_float_tensor]
+    if len(floats) < 2 or case.shape_source not in ("command line", "default", "configuration"):
+        return ""
+    shapes = {tuple(p.shape or ()) for p in floats}
+    if len(shapes) != 1:
+        return ""
+    shape = next(iter(shapes))
+    if len(shape) == 0:
+        return ""
+    example = ";".join([",".join(map(str, shape))] + [",".join(map(str, shape[1:] or (1,)))] * (len(floats) - 1))
+    names = ", ".join(p.name for p in floats)
+    return (f"every tensor input ({names}) had the shape ({','.join(map(str, shape))}): broadcasting was not "
+            f"exercised; give one shape per input to try it, e.g. --shape \"{example}\"")
+
+
 def _near_kink(result: CaseResult) -> bool:
     return any(d.kind == "nondifferentiable_point" for c in result.checks for d in c.diagnoses)
 
@@ -132,7 +151,7 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
         shapes=case.shapes, dtype=case.dtype, device=case.device, seed=case.seed, domain=case.domain_label,
         repro="" if caller else repro_command(case, settings),
         input_names=tuple(p.name for p in case.tensor_inputs), inputs_from="caller" if caller else "seed")
-    notes = list(case.guesses)
+    notes: list[str] = []
     if case.skip_reason:
         return CaseResult(**base, inputs=_inputs(case, None), status=Status.SKIPPED,
                           message=f"skipped: {case.skip_reason}")
@@ -150,6 +169,9 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
     if case.shape_source == "default":
         notes.append("no shape given on the command line or in the spec: used the default shape "
                      + ";".join(",".join(map(str, s)) for s in case.shapes))
+    broadcast = broadcast_note(case)
+    if broadcast:
+        notes.append(broadcast)
     try:
         values64 = values if values is not None else input_values(case)
     except SpecError as exc:
@@ -209,7 +231,9 @@ def _finish(ctx: CaseContext, base: dict[str, Any], notes: list[str], settings: 
     status = worst_status([c.status for c in checks if c.counts])
     failing = [c for c in checks if not c.ok]
     message = "; ".join(c.message for c in failing[:2]) if failing else ""
-    all_notes = notes + ctx.notes + expectation_notes
+    # What gradverify guessed matters to the reader only when the case did not pass.
+    guesses = list(ctx.case.guesses) if status not in (Status.PASSED, Status.SKIPPED) else []
+    all_notes = guesses + notes + ctx.notes + expectation_notes
     return CaseResult(**base, status=status, checks=tuple(checks), message=message,
                       notes=tuple(dict.fromkeys(all_notes)))
 

@@ -118,6 +118,7 @@ def dense_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: in
     a_blocks = {(o, p): block for o in analytic.outputs for p, block in analytic.blocks(o).items()}
     comparisons, fd_columns = judge_blocks(ctx.tolerance, a_blocks, analytic.outputs, leaves, truth,
                                            ctx.output_names, ctx.input_names)
+    nonfinite = sum(int((~torch.isfinite(c.truth)).sum()) for c in comparisons)
     mismatches, count = all_mismatches(comparisons, ctx.settings.mismatch_cap)
     diagnoses = diagnose(comparisons) if count else []
     details = [("mode", "full: every entry, whole blocks in memory"),
@@ -126,6 +127,8 @@ def dense_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: in
                ("tolerance", ctx.tolerance.describe()),
                ("finite differences", f"{fd_columns} column{'s' if fd_columns != 1 else ''} ({truth.fd.path}); "
                                       f"{truth.fd.evaluations} forward evaluations")]
+    if nonfinite:
+        details.append(("nonfinite truth", f"{nonfinite} entries of the truth are NaN/Inf: not judged"))
     extra: list[Diagnosis] = []
     if not count:
         extra.extend(norm_test(ctx, analytic, truth))
@@ -187,6 +190,8 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
         scales[(o, p)] = scale
         if use_reference:
             verdict = torch.zeros(t.shape, dtype=torch.int8)
+            # Where the truth itself is not finite (the op undefined there) nothing is judged.
+            verdict[~torch.isfinite(t)] = int(Verdict.UNVERIFIABLE)
             disagree = judge.disagrees(a, t, scale, tolerance)
             if bool(disagree.any()):
                 slack = _reference_slack(truth, o, p, t, tolerance.eps)
@@ -199,6 +204,7 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
         else:
             f, bar, kink = f_blocks[(o, p)]
             verdict = judge.finite_differences_only(a, f.double(), bar.double(), kink, scale, tolerance)
+            verdict[~torch.isfinite(t)] = int(Verdict.UNVERIFIABLE)
             if reference.source is not None and r_blocks is not None:
                 verdict = judge.spare_reference_matches(verdict, a, r_blocks[o][p].reshape(t.shape).double(),
                                                         scale, tolerance)
@@ -326,6 +332,9 @@ def norm_test(ctx: CaseContext, analytic: VjpSource, truth: Truth) -> list[Diagn
     rtol = ctx.tolerance.rtol
     for b in range(NORM_PROBES):
         a_vec = torch.cat([g_a[p][b].double() for p, _ in analytic.leaves])
+        if not bool(torch.isfinite(a_vec).all()) or (
+                g_r is not None and not bool(torch.isfinite(torch.cat([g_r[p][b] for p, _ in analytic.leaves])).all())):
+            continue  # non-finite values are the per-entry test's and the contracts' to report
         if g_r is not None:
             r_vec = torch.cat([g_r[p][b].double() for p, _ in analytic.leaves])
             diff = a_vec - r_vec
@@ -370,6 +379,10 @@ def norm_test(ctx: CaseContext, analytic: VjpSource, truth: Truth) -> list[Diagn
     return []
 
 
+def truth_nonfinite(details: list[tuple[str, str]]) -> bool:
+    return any(key == "nonfinite truth" for key, _ in details)
+
+
 def _analytic_detail(analytic: VjpSource) -> str:
     return analytic.path + (f" (vmap fallback: {analytic.fallback_reason})" if analytic.fallback_reason else "")
 
@@ -389,6 +402,8 @@ def assemble(ctx: CaseContext, truth: Truth, *, details: list[tuple[str, str]], 
     failing = count > 0 or any(d.severity is Severity.ERROR for d in diagnoses)
     if unverifiable and not failing:
         where = " (the input is near a non-differentiable point)" if kinks else ""
+        if truth_nonfinite(details):
+            where = " (the op is not finite there: the inputs may be outside its domain, try --domain positive)"
         text = (f"{unverifiable} entr{'y' if unverifiable == 1 else 'ies'} not judged: the backward disagrees with "
                 f"the reference there and finite differences cannot settle it{where}" if truth.reference.usable else
                 f"{unverifiable} entr{'y' if unverifiable == 1 else 'ies'} not judged: finite differences did not "

@@ -452,7 +452,13 @@ class FiniteDifferences:
             mags.append(max(float(x.abs().max()) if x.numel() else 0.0, RELATIVE_FLOOR * rms) or 1.0)
             norms.append(float(v.abs().max()) if v.numel() else 0.0)
         v_norm = max(norms) or 1.0
-        h = 2.0 ** round(math.log2(eps ** 0.2 * max(mags) / v_norm)) * (SECOND_SEQUENCE if sequence else 1.0)
+        scale = eps ** 0.2 * max(mags) / v_norm
+        if not (math.isfinite(scale) and scale > 0):
+            # A direction or an input that is not finite (NaN where the op is undefined): no
+            # derivative along it, and no bar.
+            nan = tuple(torch.full_like(f, math.nan, dtype=torch.float64) for f in self.f0)
+            return nan, tuple(torch.full_like(f, math.inf, dtype=torch.float64) for f in self.f0)
+        h = 2.0 ** round(math.log2(scale)) * (SECOND_SEQUENCE if sequence else 1.0)
         f0 = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0])
 
         def at(t: float) -> torch.Tensor:
