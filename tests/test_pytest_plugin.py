@@ -54,7 +54,7 @@ def test_fixture_fails_a_wrong_backward_with_the_report_and_passes_a_right_one(p
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
     assert "test_wrong_backward" in out
-    assert "Mismatched elements: 18 / 81" in out and "[missing_offdiag]" in out
+    assert "18 / 81" in out and "[missing_offdiag]" in out
     assert "gradverify/api.py" not in out  # the report, not a traceback into gradverify
     result.stdout.fnmatch_lines(["*FAILED test_ops.py::test_wrong_backward*"])
 
@@ -64,7 +64,7 @@ def test_bad_call_is_a_one_line_test_failure(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     # len is a callable like any other: its forward raises, which is a failing case, said in one line.
-    result.stdout.fnmatch_lines(["*forward raised TypeError: object of type 'int' has no len()*"])
+    result.stdout.fnmatch_lines(["*forward raised TypeError: object of type 'int' has*"])
 
 
 def test_loading_the_plugin_does_not_import_torch() -> None:
