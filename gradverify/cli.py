@@ -159,7 +159,9 @@ def check(
             traceback.print_exc()
         _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
 
-    _emit(report, fmt, full, outputs, settings.max_entries)
+    # An explicit --max-entries N lists N entries in the default report too (else its worst few).
+    _emit(report, fmt, full, outputs, settings.max_entries,
+          top_entries=settings.max_entries if settings.is_explicit("max_entries") else None)
     code = report.exit_code
     raise typer.Exit(0 if exit_zero and code == EXIT_FAILED else code)
 
@@ -354,7 +356,7 @@ def _render(report, fmt: str, max_entries: int | None, *, to_file: bool = False,
     color = fmt == "rich" and not to_file and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     extra = {"top_entries": top_entries} if top_entries is not None else {}
     return render.render_terminal(report, width=width, color=color, verbosity=verbosity, max_entries=max_entries,
-                                  ci=_on_ci() and not to_file, **extra)
+                                  ci=to_file or _on_ci(), **extra)
 
 
 def _write_atomic(path: Path, text: str) -> None:

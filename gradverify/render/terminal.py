@@ -193,6 +193,8 @@ def case_block(group: CaseGroup, opts: Options) -> list[Text]:
     lines += _output_lines(case, width, verbosity)
     if case.repro:
         lines.append(Text.assemble(("  reproduce: ", "bold"), case.repro))
+    if verbosity >= 1:  # the other cases of a sweep's shared finding, each reproducible on its own
+        lines += [Text.assemble(("  reproduce: ", "bold"), other.repro) for other in group.others if other.repro]
     return lines
 
 
@@ -300,7 +302,7 @@ def entry_lines(check: CheckResult, shown: int, verbosity: int) -> list[Text]:
 def heatmap_lines(h: Heatmap, width: int) -> tuple[list[Text], list[Text]]:
     """(title lines, row lines) of a heatmap: `∂out (3,3) / ∂x (3,3)  X mismatch  o agrees ...`,
     the column header, then one row per output entry (or bin)."""
-    title = Text(heatmap_title(h), style="bold")
+    title = Text.assemble((heatmap_title(h), "bold"))
     for glyph, word in heatmap_glyphs(h):
         title.append("  ")
         title.append(glyph, style=HEAT_STYLE[glyph])
