@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from test_render_terminal import failing_case, passing_case, sample_report
 
 from gradverify.render.markdown import code, md, render_github_summary, render_markdown
@@ -45,3 +48,20 @@ def test_passing_report_is_a_table_and_notes() -> None:
     text = render_markdown(Report(cases=(case,)))
     assert text.startswith("## gradverify: 1 case: 1 passed\n") and "###" not in text
     assert "- _note_ (Linear input(4,3) weight(5,3) float32 cpu): used the default shape 3,4" in text
+
+
+@pytest.mark.filterwarnings("ignore:Failed to initialize NumPy")
+def test_cli_writes_markdown_files_beside_the_terminal_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--output FILE.md` and `--output md:FILE` write Markdown (not workflow commands), and writing
+    a file leaves the terminal report on stdout."""
+    from test_readme import run_check
+
+    by_suffix, by_name = tmp_path / "report.md", tmp_path / "summary.txt"
+    code, out = run_check(f"specs/column_normalize_buggy.py --shape 3,3 --domain positive --output {by_suffix} "
+                          f"--output md:{by_name}", monkeypatch)
+    assert code == 1
+    for path in (by_suffix, by_name):
+        text = path.read_text(encoding="utf-8")
+        assert text.startswith("## gradverify: 1 case: 1 failed\n") and "::error" not in text
+        assert "**jacobian** `missing_offdiag`" in text
+    assert "FAIL ColumnNormalize x(3,3) float64 cpu" in out and "[missing_offdiag]" in out
