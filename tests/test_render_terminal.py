@@ -263,6 +263,9 @@ def test_summary_cells_use_the_check_summary_and_show_overruled_and_not_judged()
                                                               "converge there", severity=Severity.WARNING,
                                               hint="try another --seed or smaller values (--domain)"),))
     unjudged = passing_case(op="Unjudged", status=Status.WARNED, checks=(warned,))
+    bare = passing_case(op="Bare", status=Status.WARNED, checks=(
+        CheckResult("jacobian", Status.WARNED, summary="0 / 64", unverifiable_count=3, total_entries=64),))
+    assert "0 / 64, 3 not judged" in render_terminal(Report(cases=(bare,)))  # even when the summary omits it
     text = render_terminal(Report(cases=(big, unjudged)), width=80)
     assert "4 projections agree" in text and "81000000000000" not in text
     assert "(FAIL)" in text and "(overruled)" in text  # visibly not counted
@@ -382,3 +385,26 @@ def test_non_finite_numbers_stay_valid_json() -> None:
     case = failing_case(checks=(check,))
     doc = json.loads(render_json(Report(cases=(case,))))
     assert doc["cases"][0]["checks"][0]["max_abs_err"] == "inf"
+
+
+def test_long_names_and_messages_still_fit_the_width() -> None:
+    long_entries = tuple(Mismatch("attention_output", "query_projection_weight", (11, 22, 33), (44, 55, 66),
+                                  expected=-1.234567e-5 * (k + 1), got=7.5e3, tolerance=1e-9) for k in range(3))
+    binned = Heatmap(output="attention_output", input="query_projection_weight", out_shape=(64, 128, 8),
+                     in_shape=(512, 512), rows=tuple("X.o?" * 12 for _ in range(24)),
+                     row_labels=tuple(f"attention_output[{k},0,0]" for k in range(24)),
+                     col_header="binned: each cell ~2731 x 5462 entries of 65536 x 262144, worst shown", binned=True)
+    check = jacobian_failure(n=3, mismatches=long_entries, heatmaps=(binned,),
+                             message="x" * 30 + " " + "a-very-long-unbreakable-path/" * 6 + " tail")
+    case = failing_case(op="FusedMultiHeadAttentionWithRotaryEmbeddingsAndALiBi" * 2, checks=(check,),
+                        inputs=tuple(tensor(f"input_number_{k}", 64, 128, 8) for k in range(6)),
+                        notes=("a note " * 40,), output="printed " * 50)
+    report = Report(cases=(case, skipped_case(), error_case()), notes=("report note " * 30,))
+    for width in (80, 100):
+        for verbosity in (-1, 0, 1):
+            text = render_terminal(report, width=width, verbosity=verbosity)
+            wide = [line for line in lines(text) if cell_len(line) > width and "reproduce:" not in line]
+            assert not wide, (width, verbosity, wide)
+    text = render_terminal(report, width=80)
+    assert "∂attention_output[11,22,33]/∂query_projection_weight[44,55,66]" in text  # stacked, not cut
+    assert "expected -1.235e-5  got 7500  |err| 7500" in flat(text)

@@ -240,7 +240,7 @@ def evidence_tables(check: CheckResult, opts: Options) -> list[Text]:
     fit the width (they are read together: where, and by how much)."""
     width = opts.width
     shown = entries_shown(check, opts.limit)
-    entries = entry_lines(check, shown, opts.verbosity)
+    entries = entry_lines(check, shown, opts.verbosity, width - DETAIL)
     more = ""
     if opts.limit != 0:
         more = more_entries_text(check, shown, ci=opts.ci,
@@ -273,9 +273,9 @@ def evidence_tables(check: CheckResult, opts: Options) -> list[Text]:
     return lines
 
 
-def entry_lines(check: CheckResult, shown: int, verbosity: int) -> list[Text]:
+def entry_lines(check: CheckResult, shown: int, verbosity: int, width: int | None = None) -> list[Text]:
     """The worst entries as an aligned table: entry, expected, got, |err| (and with -v the allowed
-    error and the second truth's value)."""
+    error and the second truth's value), at most `width` wide."""
     if shown <= 0:
         return []
     header = ["entry", "expected", "got", "|err|"] + (["allowed", "2nd truth"] if verbosity >= 1 else [])
@@ -296,18 +296,33 @@ def entry_lines(check: CheckResult, shown: int, verbosity: int) -> list[Text]:
                         style=err_style if k == 3 else "")
         return text
 
-    return [line(header, style="dim")] + [line(r, err_style="red") for r in rows]
+    table = [line(header, style="dim")] + [line(r, err_style="red") for r in rows]
+    if width is None or max(cell_len(t.plain) for t in table) <= width:
+        return table
+    # Too wide for one line each (long names, deep indices): the entry, then its numbers below it.
+    stacked: list[Text] = []
+    for row in rows:
+        stacked += wrap(Text(row[0]), width, 0, 2)
+        numbers = Text.assemble(*[(f"{name} {value}  ", "red" if name == "|err|" else "")
+                                  for name, value in zip(header[1:], row[1:])])
+        stacked += wrap(numbers, width, 2, 2)
+    return stacked
 
 
 def heatmap_lines(h: Heatmap, width: int) -> tuple[list[Text], list[Text]]:
     """(title lines, row lines) of a heatmap: `∂out (3,3) / ∂x (3,3)  X mismatch  o agrees ...`,
     the column header, then one row per output entry (or bin)."""
     title = Text.assemble((heatmap_title(h), "bold"))
+    legend = Text()
     for glyph, word in heatmap_glyphs(h):
-        title.append("  ")
-        title.append(glyph, style=HEAT_STYLE[glyph])
-        title.append(f" {word}")
-    head = wrap(title, width, 0, 2) + wrap(Text(h.col_header, style="dim"), width, 0, 2)
+        legend.append("  ")
+        legend.append(glyph, style=HEAT_STYLE[glyph])
+        legend.append(f" {word}")
+    if cell_len(title.plain + legend.plain) <= width:
+        head = [Text.assemble(title, legend)]
+    else:  # the legend on a line of its own rather than a glyph parted from its meaning
+        head = wrap(title, width, 0, 2) + wrap(legend, width, 0, 2)
+    head += wrap(Text(h.col_header, style="dim"), width, 0, 2)
     label_width = max((cell_len(label) for label in h.row_labels), default=0)
     rows = list(h.rows)
     if rows and label_width + 2 + max(cell_len(r) for r in rows) > width:

@@ -140,11 +140,12 @@ def shows_max_err(check: CheckResult) -> bool:
 def check_result_text(check: CheckResult) -> str:
     """The summary cell: the check's own summary, else its status; never a raw entry count of a
     projected check (the engine's summary says `4 projections agree`)."""
-    if check.summary:
-        return check.summary
-    if check.message:
-        return check.message if len(check.message) <= 60 else check.message[:59] + "…"
-    return check.status.value
+    text = check.summary or check.message or check.status.value
+    if not check.summary and len(text) > 60:
+        text = text[:59] + "…"
+    if check.unverifiable_count and "not judged" not in text:  # never folded into a pass
+        text += f", {check.unverifiable_count} not judged"
+    return text
 
 
 def is_detailed(case: CaseResult, verbosity: int = 0) -> bool:
