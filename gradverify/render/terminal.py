@@ -59,7 +59,7 @@ def render_terminal(report: Report, *, width: int = 80, color: bool = False, ver
     every mode (None: no cap, 0: none); by default the `top_entries` worst are listed. ci: a CI
     log, kept bounded (the top entries, pointing at a JSON file for every entry).
     """
-    width = max(40, width)
+    width = max(40, width)  # below 40 columns not even the summary table's headers fit
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=color, no_color=not color,
                       color_system="standard" if color else None, highlight=False, emoji=False, markup=False,
@@ -82,7 +82,8 @@ def render_terminal(report: Report, *, width: int = 80, color: bool = False, ver
         for text in report.notes:
             for line in wrap(Text.assemble(("note: ", "dim"), text), width, 0, 2):
                 console.print(line, soft_wrap=True)
-    console.print()
+    if report.cases or report.notes:
+        console.print()
     style = "bold green" if report.ok and report.checked_anything else "bold red" if not report.ok else "bold yellow"
     for line in wrap(Text(footer(report), style=style), width, 0, 2):
         console.print(line, soft_wrap=True)
