@@ -351,12 +351,12 @@ def _render(report, fmt: str, max_entries: int | None, *, to_file: bool = False,
         return render.render_html(report)
     if fmt in ("md", "markdown"):
         return render.render_markdown(report, max_entries=max_entries)
-    # A file is read in an editor or a CI artifact viewer, not a terminal: a fixed, wider width.
-    width = 100 if to_file else shutil.get_terminal_size((80, 24)).columns
-    color = fmt == "rich" and not to_file and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    if to_file:  # read after the fact in an editor or a CI artifact: wider, up to --max-entries entries
+        return render.render_plain(report, width=100, max_entries=max_entries, verbosity=verbosity)
+    color = fmt == "rich" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     extra = {"top_entries": top_entries} if top_entries is not None else {}
-    return render.render_terminal(report, width=width, color=color, verbosity=verbosity, max_entries=max_entries,
-                                  ci=to_file or _on_ci(), **extra)
+    return render.render_terminal(report, width=shutil.get_terminal_size((80, 24)).columns, color=color,
+                                  verbosity=verbosity, max_entries=max_entries, ci=_on_ci(), **extra)
 
 
 def _write_atomic(path: Path, text: str) -> None:
