@@ -21,11 +21,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-FORMATS = ("rich", "plain", "json", "junit", "github")
+FORMATS = ("rich", "plain", "json", "junit", "github", "md", "markdown")
 # Formats a report file may have (`--output FORMAT:FILE`); html only makes sense in a file.
 OUTPUT_FORMATS = FORMATS + ("html",)
 SUFFIX_FORMATS = {".xml": "junit", ".json": "json", ".html": "html", ".htm": "html", ".txt": "plain",
-                  ".log": "plain", ".md": "github"}
+                  ".log": "plain", ".md": "md"}
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -159,7 +159,9 @@ def check(
             traceback.print_exc()
         _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
 
-    _emit(report, fmt, full, outputs, settings.max_entries)
+    # An explicit --max-entries N lists N entries in the default report too (else its worst few).
+    _emit(report, fmt, full, outputs, settings.max_entries,
+          top_entries=settings.max_entries if settings.is_explicit("max_entries") else None)
     code = report.exit_code
     raise typer.Exit(0 if exit_zero and code == EXIT_FAILED else code)
 
@@ -337,7 +339,10 @@ def _parse_outputs(specs: List[str]) -> list[tuple[str, Path]]:
     return outputs
 
 
-def _render(report, fmt: str, max_entries: int | None, *, to_file: bool = False) -> str:  # type: ignore[no-untyped-def]
+def _render(report, fmt: str, max_entries: int | None, *, to_file: bool = False,  # type: ignore[no-untyped-def]
+            verbosity: int = 0, top_entries: int | None = None) -> str:
+    """One format's text. Terminal formats take the terminal's real width (80 columns and up fit)
+    and, on CI, stay bounded (the top entries per case; the rest in a JSON file)."""
     from gradverify import render
 
     if fmt == "json":
@@ -347,12 +352,15 @@ def _render(report, fmt: str, max_entries: int | None, *, to_file: bool = False)
     if fmt == "github":
         return render.render_github(report, workspace=os.environ.get("GITHUB_WORKSPACE") or os.getcwd())
     if fmt == "html":
-        return render.render_html(report, max_entries=max_entries)
-    width = 120 if to_file else max(100, shutil.get_terminal_size((120, 40)).columns)
-    if fmt == "plain":
-        return render.render_plain(report, width=width, max_entries=max_entries)
-    color = not to_file and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    return render.render_rich(report, color=color, width=width, max_entries=max_entries)
+        return render.render_html(report)
+    if fmt in ("md", "markdown"):
+        return render.render_markdown(report, max_entries=max_entries)
+    if to_file:  # read after the fact in an editor or a CI artifact: wider, up to --max-entries entries
+        return render.render_plain(report, width=100, max_entries=max_entries, verbosity=verbosity)
+    color = fmt == "rich" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    extra = {"top_entries": top_entries} if top_entries is not None else {}
+    return render.render_terminal(report, width=shutil.get_terminal_size((80, 24)).columns, color=color,
+                                  verbosity=verbosity, max_entries=max_entries, ci=_on_ci(), **extra)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -377,36 +385,29 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _emit(report, fmt: str, full: bool, outputs: list[tuple[str, Path]], max_entries: int,  # type: ignore[no-untyped-def]
-          nothing_to_check: bool = False) -> None:
-    """Report files first, then stdout: the full report in `fmt`, or a short summary when files got it."""
-    from gradverify.render.terminal import footer
-
+          nothing_to_check: bool = False, verbosity: int = 0, top_entries: int | None = None) -> None:
+    """Report files first, then stdout. The files and the terminal report are independent: writing
+    a file never hides the report on stdout (`full` is kept for callers; --quiet is verbosity -1)."""
     for out_fmt, path in outputs:
         try:
-            _write_atomic(path, _render(report, out_fmt, None, to_file=True))
+            _write_atomic(path, _render(report, out_fmt, max_entries, to_file=True))
         except OSError as exc:
             _fail(f"cannot write the {out_fmt} report to {path}: {exc.strerror or exc}", EXIT_USAGE)
         sys.stderr.write(f"gradverify: wrote the {out_fmt} report to {path}\n")
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
-    github_chosen = (full and fmt == "github") or any(f == "github" for f, _ in outputs)
+    github_chosen = fmt == "github" or any(f == "github" for f, _ in outputs)
     if summary_path and github_chosen:
-        from gradverify.render import render_github_summary
+        from gradverify.render import render_markdown
 
         try:
             with open(summary_path, "a", encoding="utf-8") as handle:
-                handle.write(render_github_summary(report, max_entries=max_entries))
+                handle.write(render_markdown(report, max_entries=max_entries))
         except OSError as exc:
             sys.stderr.write(f"gradverify: warning: cannot write the job summary to {summary_path}: {exc}\n")
     if nothing_to_check and fmt in ("rich", "plain", "github"):
         sys.stdout.write("gradverify: nothing to check (no spec among the files, none covers them)\n")
-    elif full:
-        sys.stdout.write(_render(report, fmt, None if _on_ci() else max_entries))
     else:
-        for case in report.failing_cases():
-            where = f"{case.file}:{case.backward_line or case.line}" if case.line else case.file
-            sys.stdout.write(f"{case.status.value.upper()} {case.op} {case.dtype} {case.device}: "
-                             f"{case.message or case.status.value} ({where})\n")
-        sys.stdout.write(footer(report) + "\n")
+        sys.stdout.write(_render(report, fmt, max_entries, verbosity=verbosity, top_entries=top_entries))
 
 
 @app.command("list")

@@ -34,6 +34,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     # A CI variable from the machine running the suite would change truncation; tests set it explicitly.
     full_env = {k: v for k, v in os.environ.items() if k not in ("CI", "GITHUB_ACTIONS", "GRADVERIFY_FORMAT")}
     full_env.update({"NO_COLOR": "1", "COLUMNS": "120", **(env or {})})
+    # This checkout's gradverify, whatever the cwd: an editable install may point at another one.
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, env=full_env, timeout=300)
     return CliResult(done.returncode, done.stdout, done.stderr)
 

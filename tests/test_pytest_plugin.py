@@ -92,7 +92,8 @@ def test_fixture_fails_a_wrong_backward_with_the_summary_first_and_passes_a_righ
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
-    assert "Mismatched elements: 18 / 81" in out and "[missing_offdiag]" in out
+    assert "test_wrong_backward" in out
+    assert "18 / 81" in out and "[missing_offdiag]" in out
     assert "gradverify/api.py" not in out  # the report, not a traceback into gradverify
     first = _failure_first_line(result.stdout.lines, "test_wrong_backward")
     assert first == f"DiagonalOnly {SUMMARY} (also failing: gradcheck)"
@@ -116,7 +117,7 @@ def test_bad_call_is_a_one_line_test_failure(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     # len is a callable like any other: its forward raises, which is a failing case, said in one line.
-    result.stdout.fnmatch_lines(["*forward raised TypeError: object of type 'int' has no len()*"])
+    result.stdout.fnmatch_lines(["*forward raised TypeError: object of type 'int' has*"])
 
 
 SCALED_TEST = '''
