@@ -92,7 +92,7 @@ def test_flags_only_on_an_unedited_file() -> None:
     # raises on it, and that is a spec problem that says what to pass.
     code, report = run(ops, "--op", "Softmax", "--shape", "3,5")
     assert code == 2 and "--arg dim=" in report["cases"][0]["message"]
-    code, report = run(ops, "--op", "Softmax", "--op", "Softmax_bug_wrong_dim", "--shape", "3,5", "--arg", "dim=1")
+    code, report = run(ops, "--op", "Softmax", "--op", "Softmax_bug_wrong_dim", "--shape", "3,5", "--arg", "dim=0")
     found = cases(report)
     assert code == 1
     assert found["Softmax"]["status"] == "passed" and found["Softmax_bug_wrong_dim"]["status"] == "failed"
