@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +31,45 @@ class CliResult:
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            module: bool = True) -> CliResult:
-    """Run gradverify through its real entry point, as a user would."""
-    command = [sys.executable, "-m", "gradverify", *args] if module else ["gradverify", *args]
+            module: bool = True, in_process: bool = True) -> CliResult:
+    """Run gradverify through its entry point, as a user would: by default the entry point
+    function `gradverify.cli.main(argv)` in this process (as pre-commit's tests call its main;
+    a subprocess pays a torch import, seconds each); `in_process=False` runs
+    `python -m gradverify` (or, with `module=False`, the console script next to this
+    interpreter) as a real subprocess."""
     # A CI variable from the machine running the suite would change truncation; tests set it explicitly.
-    full_env = {k: v for k, v in os.environ.items() if k not in ("CI", "GITHUB_ACTIONS", "GRADVERIFY_FORMAT")}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("CI", "GITHUB_ACTIONS", "GRADVERIFY_FORMAT") and not k.startswith("GRADVERIFY_")}
     full_env.update({"NO_COLOR": "1", "COLUMNS": "120", **(env or {})})
+    if in_process and module:
+        return _run_main(list(args), cwd or REPO, full_env)
+    if module:
+        command = [sys.executable, "-m", "gradverify", *args]
+    else:
+        script = Path(sysconfig.get_path("scripts")) / ("gradverify.exe" if os.name == "nt" else "gradverify")
+        assert script.is_file(), f"the console script is not installed next to {sys.executable}: pip install -e ."
+        command = [str(script), *args]
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, env=full_env, timeout=300)
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def _run_main(argv: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
+    """`main(argv)` with this environment and working directory, stdout and stderr captured."""
+    from gradverify.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
