@@ -93,6 +93,8 @@ def parse_outputs(specs: list[str]) -> list[tuple[OutputFormat, Path]]:
             fmt, target = found, spec
         if not target.strip():
             raise UsageError(f"--output {spec!r}: no file name after the format")
+        if target.endswith(("/", os.sep)):
+            raise UsageError(f"--output {spec!r}: expected a file name, found a folder name (ending in /)")
         path = Path(target)
         try:
             check_target(path)
