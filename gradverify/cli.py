@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Annotated, Iterator, List, Optional
+from typing import Annotated
+from collections.abc import Iterator
 
 import typer
 
@@ -22,7 +23,7 @@ from gradverify.schema import STDOUT_FORMATS, GradcheckMode, Mode, OutputFormat,
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_errors  # type: ignore[no-redef]
+    from click import exceptions as click_errors  # type: ignore[no-redef, import-not-found, unused-ignore]
 
 app = typer.Typer(
     name="gradverify",
@@ -82,72 +83,72 @@ def _root(
 
 @app.command(add_help_option=False)
 def check(
-    paths: Annotated[Optional[List[str]], typer.Argument(metavar="PATH", hidden=True)] = None,
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", hidden=True)] = None,
     # what to check
-    op: Annotated[List[str], typer.Option("--op", metavar="NAME", rich_help_panel=WHAT,
+    op: Annotated[list[str], typer.Option("--op", metavar="NAME", rich_help_panel=WHAT,
                                           help="Only this op (repeatable).")] = [],  # noqa: B006
-    shape: Annotated[List[str], typer.Option(
+    shape: Annotated[list[str], typer.Option(
         "--shape", metavar="S", rich_help_panel=WHAT,
         help="Shape of every tensor input (2,3,3) or one per input ('4,3;5,3;5'); () is 0-d. Repeat to sweep.")] = [],  # noqa: B006,E501
-    dtype: Annotated[List[str], typer.Option("--dtype", metavar="D", rich_help_panel=WHAT,
+    dtype: Annotated[list[str], typer.Option("--dtype", metavar="D", rich_help_panel=WHAT,
                                              help="float64 (default), float32, float16, bfloat16, complex128, "
                                              "complex64. Repeat to sweep.")] = [],  # noqa: B006
-    device: Annotated[List[str], typer.Option("--device", metavar="D", rich_help_panel=WHAT,
+    device: Annotated[list[str], typer.Option("--device", metavar="D", rich_help_panel=WHAT,
                                               help="cpu (default), cuda, cuda:N, mps. Repeat to sweep.")] = [],  # noqa: B006,E501
-    seed: Annotated[Optional[str], typer.Option("--seed", metavar="N", rich_help_panel=WHAT,
+    seed: Annotated[str | None, typer.Option("--seed", metavar="N", rich_help_panel=WHAT,
                                                 help="Seed of every input (default 0).")] = None,
-    domain: Annotated[List[str], typer.Option(
+    domain: Annotated[list[str], typer.Option(
         "--domain", metavar="DOMAIN", rich_help_panel=WHAT,
         help="Input values: any, positive, nonzero, unit, probability, spd, simplex, ... or module:function; "
         "NAME=DOMAIN for one input.")] = [],  # noqa: B006
-    arg: Annotated[List[str], typer.Option("--arg", metavar="NAME=VALUE", rich_help_panel=WHAT,
+    arg: Annotated[list[str], typer.Option("--arg", metavar="NAME=VALUE", rich_help_panel=WHAT,
                                            help="A plain value of one parameter (--arg dim=1).")] = [],  # noqa: B006
     # how to check
-    atol: Annotated[Optional[str], typer.Option("--atol", metavar="X", rich_help_panel=HOW,
+    atol: Annotated[str | None, typer.Option("--atol", metavar="X", rich_help_panel=HOW,
                                                 help="Absolute tolerance (default per dtype).")] = None,
-    rtol: Annotated[Optional[str], typer.Option("--rtol", metavar="X", rich_help_panel=HOW,
+    rtol: Annotated[str | None, typer.Option("--rtol", metavar="X", rich_help_panel=HOW,
                                                 help="Relative tolerance (default per dtype).")] = None,
-    gradcheck: Annotated[Optional[str], typer.Option(
+    gradcheck: Annotated[str | None, typer.Option(
         "--gradcheck", metavar=_choices(GradcheckMode), rich_help_panel=HOW,
         help="torch's own gradcheck as a second opinion (default fast).")] = None,
-    order: Annotated[Optional[str], typer.Option("--order", metavar="1|2", rich_help_panel=HOW,
+    order: Annotated[str | None, typer.Option("--order", metavar="1|2", rich_help_panel=HOW,
                                                  help="2 also checks the double backward.")] = None,
-    check_names: Annotated[List[str], typer.Option("--check", metavar="NAME", rich_help_panel=HOW,
+    check_names: Annotated[list[str], typer.Option("--check", metavar="NAME", rich_help_panel=HOW,
                                                    help="Also run this optional check (repeatable).")] = [],  # noqa: B006,E501
-    skip_check: Annotated[List[str], typer.Option("--skip-check", metavar="NAME", rich_help_panel=HOW,
+    skip_check: Annotated[list[str], typer.Option("--skip-check", metavar="NAME", rich_help_panel=HOW,
                                                   help="Do not run this check (repeatable).")] = [],  # noqa: B006
-    strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", metavar="", rich_help_panel=HOW, show_default=False,
+    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", metavar="", rich_help_panel=HOW, show_default=False,
                                                    help="Warnings (engine-repaired findings, entries not "
                                                    "judged) fail the run.")] = None,
-    mode: Annotated[Optional[str], typer.Option(
+    mode: Annotated[str | None, typer.Option(
         "--mode", metavar=_choices(Mode), rich_help_panel=HOW,
         help="full: every Jacobian entry; fast: random projections; auto (default): full up to 2^28 entries.")] = None,  # noqa: E501
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", rich_help_panel=HOW,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", rich_help_panel=HOW,
                                                       help="Memory budget, e.g. 512M (default) or 2G.")] = None,
-    nondet_tol: Annotated[Optional[str], typer.Option("--nondet-tol", metavar="X", rich_help_panel=HOW,
+    nondet_tol: Annotated[str | None, typer.Option("--nondet-tol", metavar="X", rich_help_panel=HOW,
                                                       help="Allowed difference between two identical backward "
                                                       "calls (default 0).")] = None,
-    retries: Annotated[Optional[str], typer.Option("--retries", metavar="N", rich_help_panel=HOW,
+    retries: Annotated[str | None, typer.Option("--retries", metavar="N", rich_help_panel=HOW,
                                                    help="Re-draws of inputs near a kink (default 2).")] = None,
-    jobs: Annotated[Optional[str], typer.Option("-j", "--jobs", metavar="N", rich_help_panel=HOW,
+    jobs: Annotated[str | None, typer.Option("-j", "--jobs", metavar="N", rich_help_panel=HOW,
                                                 help="Worker processes (default 1).")] = None,
-    timeout: Annotated[Optional[str], typer.Option("--timeout", metavar="SECONDS", rich_help_panel=HOW,
+    timeout: Annotated[str | None, typer.Option("--timeout", metavar="SECONDS", rich_help_panel=HOW,
                                                    help="Stop and report a case that runs longer (default "
                                                    "120).")] = None,
-    require_device: Annotated[Optional[bool], typer.Option(
+    require_device: Annotated[bool | None, typer.Option(
         "--require-device/--no-require-device", metavar="", rich_help_panel=HOW, show_default=False,
         help="An unavailable device fails the run instead of being skipped.")] = None,
     # report
-    output_format: Annotated[Optional[str], typer.Option(
+    output_format: Annotated[str | None, typer.Option(
         "--format", metavar="|".join(STDOUT_FORMATS), rich_help_panel=REPORT,
         help="The report on stdout (default rich; env GRADVERIFY_FORMAT).")] = None,
-    output: Annotated[List[str], typer.Option(
+    output: Annotated[list[str], typer.Option(
         "--output", metavar="FORMAT:FILE", rich_help_panel=REPORT,
         help=f"Also write the report to FILE; FORMAT one of {', '.join(values(OutputFormat))} (or from the "
         "suffix). Repeatable.")] = [],  # noqa: B006
-    html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", rich_help_panel=REPORT,
+    html: Annotated[str | None, typer.Option("--html", metavar="FILE", rich_help_panel=REPORT,
                                                 help="Same as --output html:FILE.")] = None,
-    max_entries: Annotated[Optional[str], typer.Option("--max-entries", metavar="N", rich_help_panel=REPORT,
+    max_entries: Annotated[str | None, typer.Option("--max-entries", metavar="N", rich_help_panel=REPORT,
                                                        help="Mismatched entries shown per failing check (default "
                                                        "20).")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", metavar="", rich_help_panel=REPORT,
@@ -163,7 +164,7 @@ def check(
     changed: Annotated[bool, typer.Option("--changed", metavar="", rich_help_panel=HOOKS,
                                           help="PATHS are changed files: check the specs among them and those "
                                           "covering them.")] = False,
-    specs_in: Annotated[List[str], typer.Option("--specs-in", metavar="DIR", rich_help_panel=HOOKS,
+    specs_in: Annotated[list[str], typer.Option("--specs-in", metavar="DIR", rich_help_panel=HOOKS,
                                                 help="With --changed: look for covering specs only here.")] = [],  # noqa: B006,E501
     help: HelpFlag = False,
 ) -> int:
@@ -186,13 +187,13 @@ def check(
 
 @app.command("list", add_help_option=False)
 def list_command(
-    paths: Annotated[Optional[List[str]], typer.Argument(metavar="PATH", hidden=True)] = None,
-    op: Annotated[List[str], typer.Option("--op", metavar="NAME", help="Only this op (repeatable).")] = [],  # noqa: B006
-    shape: Annotated[List[str], typer.Option("--shape", metavar="S", help="As for check.")] = [],  # noqa: B006
-    dtype: Annotated[List[str], typer.Option("--dtype", metavar="D", help="As for check.")] = [],  # noqa: B006
-    device: Annotated[List[str], typer.Option("--device", metavar="D", help="As for check.")] = [],  # noqa: B006
-    seed: Annotated[Optional[str], typer.Option("--seed", metavar="N", help="As for check.")] = None,
-    require_device: Annotated[Optional[bool], typer.Option("--require-device/--no-require-device", metavar="",
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", hidden=True)] = None,
+    op: Annotated[list[str], typer.Option("--op", metavar="NAME", help="Only this op (repeatable).")] = [],  # noqa: B006
+    shape: Annotated[list[str], typer.Option("--shape", metavar="S", help="As for check.")] = [],  # noqa: B006
+    dtype: Annotated[list[str], typer.Option("--dtype", metavar="D", help="As for check.")] = [],  # noqa: B006
+    device: Annotated[list[str], typer.Option("--device", metavar="D", help="As for check.")] = [],  # noqa: B006
+    seed: Annotated[str | None, typer.Option("--seed", metavar="N", help="As for check.")] = None,
+    require_device: Annotated[bool | None, typer.Option("--require-device/--no-require-device", metavar="",
                                                            show_default=False, help="As for check.")] = None,
     debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show Python tracebacks for errors.")] = False,
 ) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -187,7 +188,10 @@ def _toml_line(text: str, key: str, table: str = "tool.gradverify") -> int | Non
 def load_pyproject_config(path: Path) -> dict[str, Any] | None:
     """The values of `[tool.gradverify]` in `path` by Settings field (None if it has no such
     table); a bad value is a UsageError at its line (exit 2)."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, as a package
+        import tomli as tomllib
 
     try:
         text = path.read_bytes().decode("utf-8")

@@ -22,7 +22,8 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
 
 from gradverify.errors import DeclarationError
 
@@ -31,7 +32,7 @@ DECLARATION_ATTR = "__gradverify_checks__"
 T = TypeVar("T")
 
 # Declarations of objects that cannot carry an attribute (a builtin, an OpOverload), by identity.
-_REGISTRY: list[tuple[Any, tuple["Declaration", ...]]] = []
+_REGISTRY: list[tuple[Any, tuple[Declaration, ...]]] = []
 
 
 @dataclass(frozen=True)

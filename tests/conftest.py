@@ -85,3 +85,21 @@ def write_spec(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture
+def no_replace_onto_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the code under test does, it must never rename a file over /dev or /proc (run
+    as root, that would replace the machine's own /dev/stdout or /dev/full): fail instead."""
+    real_replace, real_rename = os.replace, os.rename
+
+    def guarded(real):  # type: ignore[no-untyped-def]
+        def move(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if str(os.path.abspath(dst)).startswith(("/dev/", "/proc/")):
+                raise AssertionError(f"renamed a file over {dst}")
+            return real(src, dst, *args, **kwargs)
+
+        return move
+
+    monkeypatch.setattr(os, "replace", guarded(real_replace))
+    monkeypatch.setattr(os, "rename", guarded(real_rename))

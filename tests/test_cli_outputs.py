@@ -10,8 +10,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from conftest import SPECS, run_cli
-from test_outputs import no_replace_onto_devices  # noqa: F401 - a fixture
-
 
 BUGGY = str(SPECS / "column_normalize_buggy.py")
 RAISES = '''\

@@ -12,24 +12,6 @@ import pytest
 from gradverify.outputs import OutputError, check_target, write_output
 
 
-@pytest.fixture
-def no_replace_onto_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever the code under test does, it must never rename a file over /dev or /proc (run
-    as root, that would replace the machine's own /dev/stdout or /dev/full): fail instead."""
-    real_replace, real_rename = os.replace, os.rename
-
-    def guarded(real):  # type: ignore[no-untyped-def]
-        def move(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if str(os.path.abspath(dst)).startswith(("/dev/", "/proc/")):
-                raise AssertionError(f"renamed a file over {dst}")
-            return real(src, dst, *args, **kwargs)
-
-        return move
-
-    monkeypatch.setattr(os, "replace", guarded(real_replace))
-    monkeypatch.setattr(os, "rename", guarded(real_rename))
-
-
 def _device(tmp_path: Path, name: str, minor: int) -> Path:
     """A character device node of our own (1:3 is null, 1:7 is full), so a bug replaces a
     copy in a temporary folder, not the machine's /dev."""

@@ -31,7 +31,7 @@ MAX_NODES = 100_000
 MAX_INT_CHARS = 40
 
 
-class MarkedDict(dict):  # type: ignore[type-arg]
+class MarkedDict(dict[Any, Any]):
     """A YAML mapping that remembers where it, each key and each value started."""
 
     mark: yaml.Mark
@@ -39,7 +39,7 @@ class MarkedDict(dict):  # type: ignore[type-arg]
     value_marks: dict[Any, yaml.Mark]
 
 
-class MarkedList(list):  # type: ignore[type-arg]
+class MarkedList(list[Any]):
     """A YAML sequence that remembers where it and each item started."""
 
     mark: yaml.Mark
@@ -57,13 +57,13 @@ class SpecLoader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise ComposerError(None, None, f"data nested deeper than {MAX_DEPTH} levels",
                                     self.peek_event().start_mark)
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -200,12 +200,12 @@ def read_yaml(path: Path) -> Any:
                         f"(first at line {exc.first.line + 1})", file=display, line=line, col=col) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line, col = where(mark) if mark is not None else (None, None)
+        at: tuple[int | None, int | None] = where(mark) if mark is not None else (None, None)
         found = exc.problem or "invalid YAML"
         if exc.context:
             found += f" ({exc.context})"
         raise SpecError(f"yaml: expected valid YAML (plain data only), found {found}",
-                        file=display, line=line, col=col) from None
+                        file=display, line=at[0], col=at[1]) from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         col = exc.position - text.rfind("\n", 0, exc.position)
