@@ -36,8 +36,11 @@ def render(report: Report, fmt: OutputFormat, view: View, *, to_file: bool = Fal
     """`report` as text in `fmt`: the single call site of the renderers."""
     from gradverify import render as renderers
 
-    # Files keep every kept entry (they are read after the fact, like CI logs).
+    # Files keep every kept entry (they are read after the fact, like CI logs); Markdown is a
+    # summary for people (a PR comment, the job summary), cut at --max-entries everywhere.
     max_entries = None if to_file or view.ci else view.max_entries
+    if fmt is OutputFormat.MD:
+        max_entries = view.max_entries
     if fmt is OutputFormat.JSON:
         return renderers.render_json(report)
     if fmt is OutputFormat.JUNIT:

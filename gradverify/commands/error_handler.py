@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from gradverify.errors import GradverifyError, escape_terminal
+from gradverify.errors import GradverifyError, escape_terminal, shorten
 from gradverify.report import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED
 
 
@@ -123,7 +123,8 @@ def guarded(body: Callable[[], int], argv: list[str]) -> int:
         report = crash_report(exc, argv)
         log = write_crash_log(report)
         where = f"the log for a bug report is in {log}" if log else "the log follows"
-        error_line(f"internal error (a bug in gradverify, not in your code): {type(exc).__name__}: {exc}; {where}")
+        error_line(f"internal error (a bug in gradverify, not in your code): {type(exc).__name__}: "
+                   f"{shorten(str(exc), 300)}; {where}")
         if log is None or os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
             sys.stderr.write(report)
         return EXIT_INTERNAL
