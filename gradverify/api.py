@@ -52,9 +52,12 @@ def collect_ops(paths: Sequence[Path], settings: Settings) -> list[OpSpec]:
 
 def collect_cases(paths: Sequence[Path], settings: Settings) -> list[Case]:
     """Load every spec and expand it into cases."""
+    from gradverify.config import check_input_memory
+
     cases: list[Case] = []
     for op in collect_ops(paths, settings):
         cases.extend(expand_cases(op, settings))
+    check_input_memory(cases, settings)  # before any input is drawn
     return cases
 
 
@@ -87,9 +90,16 @@ def check_paths(paths: Sequence[Path | str], settings: Settings | None = None,
     return run_cases(cases, settings, progress)
 
 
-VERIFY_OPTIONS = ("atol", "rtol", "gradcheck", "seed", "nondet_tol", "max_entries", "mismatch_cap", "reference",
-                  "order", "forward_ad", "max_memory", "mode", "checks", "skip_checks", "strict", "surrogate",
-                  "expect_failure", "name", "domains")
+def _verify_options() -> tuple[str, ...]:
+    """verify()'s keyword options: the settings the schema lets a library call set, and what
+    describes the op itself."""
+    from gradverify.config import VERIFY_SETTINGS
+
+    settings = ["checks" if key == "add_checks" else key for key in VERIFY_SETTINGS]
+    return (*settings, "reference", "surrogate", "expect_failure", "name", "domains")
+
+
+VERIFY_OPTIONS = _verify_options()
 
 
 def verify(fn: Any, *inputs: Any, **kwargs: Any) -> Report:

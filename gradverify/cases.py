@@ -265,6 +265,9 @@ def case_settings(case: Case, settings: Settings) -> Settings:
             changes["gradcheck"] = "off"
         if "second_order" in op.checks and not settings.is_explicit("order"):
             changes["order"] = 2
+    for name, value in op.settings:
+        if not settings.is_explicit(name):
+            changes[name] = value
     return settings.with_(**changes) if changes else settings
 
 

@@ -1,36 +1,67 @@
-"""The command line: options -> settings -> run -> render -> exit code. Only this module imports typer."""
+"""The command line: the typer app and its options. Only this module imports typer.
+
+Each command collects its flags as typed (strings: the settings schema parses them, so a bad
+value gets the same message as in pyproject.toml or a YAML spec) and hands them to its
+implementation in gradverify/commands/. `main` is the entry point (console script and
+`python -m gradverify`); everything that escapes a command meets the one error handler there.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import traceback
-from pathlib import Path
-from typing import List, NoReturn, Optional
+from contextlib import contextmanager
+from typing import Annotated
+from collections.abc import Iterator
 
 import typer
 
-from gradverify.report import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE
+from gradverify.commands.check import ProgressBar  # noqa: F401 - re-exported for existing imports
+from gradverify.commands.error_handler import Interrupted, OutputClosed, guarded
+from gradverify.errors import UsageError
+from gradverify.schema import STDOUT_FORMATS, GradcheckMode, Mode, OutputFormat, values
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef, import-not-found, unused-ignore]
 
 app = typer.Typer(
     name="gradverify",
-    help="Check the hand-written backward of custom torch.autograd Functions, entry by entry.",
+    help="Check the hand-written backward of custom PyTorch ops, entry by entry, and name the bug.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_help_option=False,
 )
 
-FORMATS = ("rich", "plain", "json", "junit", "github", "md", "markdown")
-# Formats a report file may have (`--output FORMAT:FILE`); html only makes sense in a file.
-OUTPUT_FORMATS = FORMATS + ("html",)
-SUFFIX_FORMATS = {".xml": "junit", ".json": "json", ".html": "html", ".htm": "html", ".txt": "plain",
-                  ".log": "plain", ".md": "md"}
+WHAT, HOW, REPORT, HOOKS = "What to check", "How to check", "Report", "Hooks (pre-commit)"
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    sys.stderr.write(f"gradverify: error: {message}\n")
-    raise typer.Exit(code)
+def _choices(choices: type) -> str:
+    return "|".join(values(choices))
+
+
+@contextmanager
+def _boundary() -> Iterator[None]:
+    """Ctrl-C and a closed stdout inside a command, carried past typer (which would turn them
+    into a silent exit) to the error handler."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    except BrokenPipeError:
+        raise OutputClosed() from None
+
+
+def _print_help(ctx: typer.Context, value: bool) -> None:
+    if value:
+        sys.stdout.write(ctx.get_help() + "\n")
+        raise typer.Exit(0)
+
+
+# typer's own --help shows a `<bool>` type column; this one shows nothing there.
+HelpFlag = Annotated[bool, typer.Option("--help", metavar="", callback=_print_help, is_eager=True, expose_value=True,
+                                        help="Show this message and exit.")]
 
 
 def _print_version(value: bool) -> None:
@@ -43,436 +74,194 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    help: HelpFlag = False,
 ) -> None:
     """gradverify: is your backward right, and if not, which Jacobian entries are wrong and why."""
 
 
-@app.command()
+@app.command(add_help_option=False)
 def check(
-    paths: Optional[List[Path]] = typer.Argument(None, help="Spec files (.py, .yaml) or folders of specs "
-                                                 "(default: `paths` in \\[tool.gradverify]).", show_default=False),
-    op: List[str] = typer.Option([], "--op", help="Check only this Function (repeatable)."),
-    shape: List[str] = typer.Option([], "--shape", help="Shape of every tensor input ('2,3,3'), or one per "
-                                    "input ('4,3;5,3;5'). Repeat to sweep."),
-    dtype: List[str] = typer.Option([], "--dtype", help="float64 (default), float32, float16, bfloat16. "
-                                    "Repeat to sweep."),
-    device: List[str] = typer.Option([], "--device", help="cpu (default), cuda, cuda:N, mps. Repeat to sweep."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every input (reproducible; default 0)."),
-    domain: List[str] = typer.Option([], "--domain", help="Input values: any, positive, negative, nonzero, "
-                                     "unit, probability, spd, symmetric, simplex, unit_norm, distinct, one_hot, "
-                                     "or module:function; NAME=DOMAIN for one input. Repeatable."),
-    arg: List[str] = typer.Option([], "--arg", help="A plain value for one of the op's parameters, NAME=VALUE in "
-                                  "Python literal syntax (--arg dim=1 --arg eps=1e-5). Repeatable."),
-    check_names: List[str] = typer.Option([], "--check", help="Also run this optional check. Repeatable."),
-    skip_check: List[str] = typer.Option([], "--skip-check", help="Do not run this check. Repeatable."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Warnings (findings the autograd "
-                                          "engine repairs, entries not judged) fail the run."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default per dtype)."),
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default per dtype)."),
-    gradcheck: Optional[str] = typer.Option(None, "--gradcheck", help="torch's own gradcheck: fast (default), "
-                                            "slow or off."),
-    max_entries: Optional[int] = typer.Option(None, "--max-entries", help="Mismatched entries shown per failing "
-                                              "check (default 20)."),
-    nondet_tol: Optional[float] = typer.Option(None, "--nondet-tol", help="Allowed difference between two "
-                                               "identical backward calls (default 0)."),
-    require_device: Optional[bool] = typer.Option(None, "--require-device/--no-require-device",
-                                                  help="An unavailable device fails the run instead of being "
-                                                  "skipped (for CI machines that must have the GPU)."),
-    order: int = typer.Option(1, "--order", help="2 also checks the double backward (and runs gradgradcheck)."),
-    retries: int = typer.Option(2, "--retries", help="Re-draw inputs this many times when they land near a "
-                                "non-differentiable point."),
-    output_format: Optional[str] = typer.Option(None, "--format", help="Report on stdout: rich (default), plain, "
-                                                "json, junit or github. Env: GRADVERIFY_FORMAT."),
-    output: List[str] = typer.Option([], "--output", help="Also write the report to a file: FORMAT:FILE "
-                                     "(junit:report.xml) or FILE with the format from its suffix (.xml .json "
-                                     ".html .txt). Repeatable. stdout then gets a short summary unless --format "
-                                     "is given."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write the full report as one HTML page "
-                                        "(same as --output html:FILE)."),
-    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when checks fail (usage errors "
-                                   "still exit 2)."),
-    changed: bool = typer.Option(False, "--changed", help="PATHS are changed files (pre-commit): check the "
-                                 "specs among them and the specs covering them; ignore the rest."),
-    specs_in: List[Path] = typer.Option([], "--specs-in", help="With --changed: look for covering specs only "
-                                        "here (file or folder; repeatable). Default: the whole repository."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="auto (default): every Jacobian entry up to "
-                                       "2^28 entries, random projections with localisation beyond; full; fast."),
-    jobs: Optional[int] = typer.Option(None, "-j", "--jobs", help="Run independent cases in this many worker "
-                                       "processes (default 1)."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of Jacobian chunks, "
-                                             "e.g. 512M or 2G (default 512M)."),
-    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
-) -> None:
-    """Verify the backward of every autograd Function in the given spec files."""
-    if order not in (1, 2):
-        _fail(f"--order {order}: expected 1 (gradients) or 2 (also the double backward)", EXIT_USAGE)
-    if retries < 0:
-        _fail(f"--retries {retries}: expected 0 or more", EXIT_USAGE)
-    # Precedence: these flags > GRADVERIFY_* variables > [tool.gradverify] in pyproject.toml > defaults.
-    all_domain, per_input = _domains(domain)
-    settings = _resolve_or_exit({
-        "shapes": shape, "dtypes": dtype, "devices": device, "seed": seed, "domain": all_domain,
-        "input_domains": per_input, "args": _args(arg), "add_checks": _check_list(check_names, "--check"),
-        "skip_checks": _check_list(skip_check, "--skip-check"), "strict": strict, "atol": atol,
-        "rtol": rtol, "gradcheck": gradcheck, "ops": op, "max_entries": max_entries, "nondet_tol": nondet_tol,
-        "require_device": require_device, "retries": retries,
-        "order": order if order != 1 else None,  # 1 is the flag's default: let a spec's `checks` decide
-        **_scale_options(mode, jobs, max_memory),
-    }, paths, debug)
-    fmt, full, outputs = _choose_formats(output_format or _configured_format(settings), output, html)
-    if changed:
-        # Decided from the files' text before torch is imported: most commits touch no spec.
-        from gradverify.precommit import select_specs
-        from gradverify.report import Report
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", hidden=True)] = None,
+    # what to check
+    op: Annotated[list[str], typer.Option("--op", metavar="NAME", rich_help_panel=WHAT,
+                                          help="Only this op (repeatable).")] = [],  # noqa: B006
+    shape: Annotated[list[str], typer.Option(
+        "--shape", metavar="S", rich_help_panel=WHAT,
+        help="Shape of every tensor input (2,3,3) or one per input ('4,3;5,3;5'); () is 0-d. Repeat to sweep.")] = [],  # noqa: B006,E501
+    dtype: Annotated[list[str], typer.Option("--dtype", metavar="D", rich_help_panel=WHAT,
+                                             help="float64 (default), float32, float16, bfloat16, complex128, "
+                                             "complex64. Repeat to sweep.")] = [],  # noqa: B006
+    device: Annotated[list[str], typer.Option("--device", metavar="D", rich_help_panel=WHAT,
+                                              help="cpu (default), cuda, cuda:N, mps. Repeat to sweep.")] = [],  # noqa: B006,E501
+    seed: Annotated[str | None, typer.Option("--seed", metavar="N", rich_help_panel=WHAT,
+                                                help="Seed of every input (default 0).")] = None,
+    domain: Annotated[list[str], typer.Option(
+        "--domain", metavar="DOMAIN", rich_help_panel=WHAT,
+        help="Input values: any, positive, nonzero, unit, probability, spd, simplex, ... or module:function; "
+        "NAME=DOMAIN for one input.")] = [],  # noqa: B006
+    arg: Annotated[list[str], typer.Option("--arg", metavar="NAME=VALUE", rich_help_panel=WHAT,
+                                           help="A plain value of one parameter (--arg dim=1).")] = [],  # noqa: B006
+    # how to check
+    atol: Annotated[str | None, typer.Option("--atol", metavar="X", rich_help_panel=HOW,
+                                                help="Absolute tolerance (default per dtype).")] = None,
+    rtol: Annotated[str | None, typer.Option("--rtol", metavar="X", rich_help_panel=HOW,
+                                                help="Relative tolerance (default per dtype).")] = None,
+    gradcheck: Annotated[str | None, typer.Option(
+        "--gradcheck", metavar=_choices(GradcheckMode), rich_help_panel=HOW,
+        help="torch's own gradcheck as a second opinion (default fast).")] = None,
+    order: Annotated[str | None, typer.Option("--order", metavar="1|2", rich_help_panel=HOW,
+                                                 help="2 also checks the double backward.")] = None,
+    check_names: Annotated[list[str], typer.Option("--check", metavar="NAME", rich_help_panel=HOW,
+                                                   help="Also run this optional check (repeatable).")] = [],  # noqa: B006,E501
+    skip_check: Annotated[list[str], typer.Option("--skip-check", metavar="NAME", rich_help_panel=HOW,
+                                                  help="Do not run this check (repeatable).")] = [],  # noqa: B006
+    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", metavar="", rich_help_panel=HOW, show_default=False,
+                                                   help="Warnings (engine-repaired findings, entries not "
+                                                   "judged) fail the run.")] = None,
+    mode: Annotated[str | None, typer.Option(
+        "--mode", metavar=_choices(Mode), rich_help_panel=HOW,
+        help="full: every Jacobian entry; fast: random projections; auto (default): full up to 2^28 entries.")] = None,  # noqa: E501
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", rich_help_panel=HOW,
+                                                      help="Memory budget, e.g. 512M (default) or 2G.")] = None,
+    nondet_tol: Annotated[str | None, typer.Option("--nondet-tol", metavar="X", rich_help_panel=HOW,
+                                                      help="Allowed difference between two identical backward "
+                                                      "calls (default 0).")] = None,
+    retries: Annotated[str | None, typer.Option("--retries", metavar="N", rich_help_panel=HOW,
+                                                   help="Re-draws of inputs near a kink (default 2).")] = None,
+    jobs: Annotated[str | None, typer.Option("-j", "--jobs", metavar="N", rich_help_panel=HOW,
+                                                help="Worker processes (default 1).")] = None,
+    timeout: Annotated[str | None, typer.Option("--timeout", metavar="SECONDS", rich_help_panel=HOW,
+                                                   help="Stop and report a case that runs longer (default "
+                                                   "120).")] = None,
+    require_device: Annotated[bool | None, typer.Option(
+        "--require-device/--no-require-device", metavar="", rich_help_panel=HOW, show_default=False,
+        help="An unavailable device fails the run instead of being skipped.")] = None,
+    # report
+    output_format: Annotated[str | None, typer.Option(
+        "--format", metavar="|".join(STDOUT_FORMATS), rich_help_panel=REPORT,
+        help="The report on stdout (default rich; env GRADVERIFY_FORMAT).")] = None,
+    output: Annotated[list[str], typer.Option(
+        "--output", metavar="FORMAT:FILE", rich_help_panel=REPORT,
+        help=f"Also write the report to FILE; FORMAT one of {', '.join(values(OutputFormat))} (or from the "
+        "suffix). Repeatable.")] = [],  # noqa: B006
+    html: Annotated[str | None, typer.Option("--html", metavar="FILE", rich_help_panel=REPORT,
+                                                help="Same as --output html:FILE.")] = None,
+    max_entries: Annotated[str | None, typer.Option("--max-entries", metavar="N", rich_help_panel=REPORT,
+                                                       help="Mismatched entries shown per failing check (default "
+                                                       "20).")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", metavar="", rich_help_panel=REPORT,
+                                        help="Only failing cases and the counts.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", metavar="", rich_help_panel=REPORT,
+                                          help="Also how each check decided.")] = False,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", metavar="", rich_help_panel=REPORT,
+                                            help="Exit 0 even when checks fail (usage errors still exit "
+                                            "2).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", rich_help_panel=REPORT,
+                                        help="Show Python tracebacks for errors.")] = False,
+    # hooks
+    changed: Annotated[bool, typer.Option("--changed", metavar="", rich_help_panel=HOOKS,
+                                          help="PATHS are changed files: check the specs among them and those "
+                                          "covering them.")] = False,
+    specs_in: Annotated[list[str], typer.Option("--specs-in", metavar="DIR", rich_help_panel=HOOKS,
+                                                help="With --changed: look for covering specs only here.")] = [],  # noqa: B006,E501
+    help: HelpFlag = False,
+) -> int:
+    """Verify the backward of every op in the spec files or folders PATH.
 
-        paths = select_specs(paths or [], specs_in)
-        if not paths:
-            _emit(Report(cases=()), fmt, full, outputs, settings.max_entries, nothing_to_check=True)
-            raise typer.Exit(0)
-    if not paths:
-        paths = [Path(p) for p in settings.paths]
-        if not paths:
-            _fail("no spec path given: pass PATH (a spec file or folder) or set `paths` in [tool.gradverify] "
-                  "of pyproject.toml", EXIT_USAGE)
-    from gradverify.errors import GradverifyError
+    PATH: spec files (.py, .yaml) or folders of them; default: `paths` in \\[tool.gradverify]
+    of pyproject.toml.
+    """
+    from gradverify.commands.check import CheckArgs, run_check
 
-    progress = ProgressBar(enabled=sys.stdout.isatty() and sys.stderr.isatty())
-    try:
-        from gradverify.api import check_paths
-
-        try:
-            report = check_paths(paths, settings, progress=progress)
-        finally:
-            progress.close()
-    except GradverifyError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        _fail("interrupted", EXIT_INTERNAL)
-    except Exception as exc:  # a bug in gradverify itself
-        if debug:
-            traceback.print_exc()
-        _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
-
-    # An explicit --max-entries N lists N entries in the default report too (else its worst few).
-    _emit(report, fmt, full, outputs, settings.max_entries,
-          top_entries=settings.max_entries if settings.is_explicit("max_entries") else None)
-    code = report.exit_code
-    raise typer.Exit(0 if exit_zero and code == EXIT_FAILED else code)
+    with _boundary():
+        return run_check(CheckArgs(
+            paths=list(paths or []), ops=op, shapes=shape, dtypes=dtype, devices=device, seed=seed, domains=domain,
+            args=arg, checks=check_names, skip_checks=skip_check, strict=strict, atol=atol, rtol=rtol,
+            gradcheck=gradcheck, order=order, mode=mode, max_memory=max_memory, nondet_tol=nondet_tol,
+            retries=retries, jobs=jobs, timeout=timeout, require_device=require_device, output_format=output_format,
+            outputs=output, html=html, max_entries=max_entries, quiet=quiet, verbose=verbose, exit_zero=exit_zero,
+            changed=changed, specs_in=specs_in, debug=debug))
 
 
-def _domains(values: List[str]) -> tuple[Optional[str], tuple[tuple[str, str], ...]]:
-    """--domain DOMAIN (every input) and --domain NAME=DOMAIN (one input)."""
-    if not values:
-        return None, ()  # gradverify.cases imports torch: not for a pre-commit run that checks nothing
-    from gradverify.cases import check_domain
-    from gradverify.errors import UsageError
-
-    every: Optional[str] = None
-    per_input: list[tuple[str, str]] = []
-    try:
-        for value in values:
-            name, sep, domain_name = value.partition("=")
-            if sep:
-                per_input.append((name.strip(), check_domain(domain_name.strip())))
-            else:
-                every = check_domain(value.strip())
-    except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    return every, tuple(per_input)
-
-
-def _args(values: List[str]) -> tuple[tuple[str, object], ...]:
-    """--arg NAME=VALUE, VALUE read as a Python literal (1, 1e-5, [0, 1], True, None, 'mean');
-    anything that is not a literal is taken as a string."""
-    import ast
-
-    parsed: list[tuple[str, object]] = []
-    for value in values:
-        name, sep, text = value.partition("=")
-        name = name.strip()
-        if not sep or not name.isidentifier():
-            _fail(f"--arg {value!r}: expected NAME=VALUE, e.g. --arg dim=1", EXIT_USAGE)
-        try:
-            literal: object = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            literal = text.strip()
-        parsed.append((name, literal))
-    return tuple(parsed)
-
-
-def _check_list(values: List[str], flag: str) -> tuple[str, ...]:
-    if not values:
-        return ()  # gradverify.checks imports torch: not for a pre-commit run that checks nothing
-    from gradverify.checks import check_names
-    from gradverify.config import did_you_mean
-
-    names = check_names()
-    for value in values:
-        if value not in names:
-            _fail(f"{flag} {value!r}: expected one of {', '.join(names)}" + did_you_mean(value, names), EXIT_USAGE)
-    return tuple(values)
-
-
-def _usage(message: str) -> Exception:
-    from gradverify.errors import UsageError
-
-    return UsageError(message)
-
-
-MODES = ("auto", "full", "fast")
-
-
-def _scale_options(mode: Optional[str], jobs: Optional[int], max_memory: Optional[str]) -> dict[str, object]:
-    """--mode, -j and --max-memory as Settings fields (None when not given); exit 2 if bad."""
-    if mode is not None and mode.lower() not in MODES:
-        _fail(f"--mode {mode!r}: expected one of {', '.join(MODES)}", EXIT_USAGE)
-    if jobs is not None and jobs < 1:
-        _fail(f"-j/--jobs {jobs}: expected a positive number of worker processes", EXIT_USAGE)
-    budget = None
-    if max_memory is not None:
-        text = max_memory.strip().upper().removesuffix("B").removesuffix("I")
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        try:
-            budget = int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(float(text))
-        except ValueError:
-            _fail(f"--max-memory {max_memory!r}: expected a size like 512M, 2G or a number of bytes", EXIT_USAGE)
-        if budget < 2**20:
-            _fail(f"--max-memory {max_memory!r}: at least 1M", EXIT_USAGE)
-    return {"mode": mode.lower() if mode else None, "jobs": jobs, "max_memory": budget}
-
-
-def _resolve_or_exit(cli: dict[str, object], paths: Optional[List[Path]], debug: bool):  # type: ignore[no-untyped-def]
-    """Settings from flags, GRADVERIFY_* and the pyproject.toml nearest the first spec (or cwd); exit 2 if bad."""
-    from gradverify.config import resolve_settings
-    from gradverify.errors import GradverifyError
-
-    try:
-        return resolve_settings(cli, Path(paths[0]) if paths else Path.cwd())
-    except GradverifyError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
-
-
-def _configured_format(settings) -> Optional[str]:  # type: ignore[no-untyped-def]
-    """The output format pyproject.toml asks for (flags and GRADVERIFY_FORMAT are read by _choose_formats)."""
-    if settings.extra.get("sources", {}).get("output_format") == "pyproject.toml":
-        return str(settings.output_format)
-    return None
-
-
-class ProgressBar:
-    """A transient rich progress bar while cases run; does nothing when output is not a terminal."""
-
-    def __init__(self, enabled: bool, console: object | None = None) -> None:
-        self.enabled = enabled
-        self.console = console
-        self.bar = None
-        self.task = None
-
-    def __call__(self, result, done: int, total: int) -> None:  # type: ignore[no-untyped-def]
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.description}"),
-                                console=self.console or Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=total)
-        self.bar.update(self.task, completed=done, total=total,
-                        description=f"{result.op} {result.dtype} {result.device}: {result.status.value}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
-def _on_ci() -> bool:
-    """CI logs are read after the fact: never cut a diff table there (`CI` is set by every major CI)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _choose_formats(output_format: Optional[str], output: List[str],
-                    html: Optional[Path]) -> tuple[str, bool, list[tuple[str, Path]]]:
-    """(stdout format, whether stdout gets the full report, report files); checked before any work."""
-    explicit = output_format or os.environ.get("GRADVERIFY_FORMAT")
-    fmt = (explicit or "rich").strip().lower()
-    if fmt not in FORMATS:
-        where = "--format" if output_format else "GRADVERIFY_FORMAT"
-        _fail(f"{where} {fmt!r}: expected one of {', '.join(FORMATS)}", EXIT_USAGE)
-    outputs = _parse_outputs(output + ([f"html:{html}"] if html is not None else []))
-    # Report files given and no format asked for: the log gets a short summary, not the report twice.
-    return fmt, bool(explicit) or not outputs, outputs
-
-
-def _parse_outputs(specs: List[str]) -> list[tuple[str, Path]]:
-    """`junit:report.xml` or `report.xml` -> (format, path); bad ones are usage errors (exit 2)."""
-    outputs: list[tuple[str, Path]] = []
-    for spec in specs:
-        head, sep, tail = spec.partition(":")
-        if sep and head.strip().lower() in OUTPUT_FORMATS:
-            fmt, target = head.strip().lower(), tail
-        elif sep and len(head) > 1 and head.isidentifier():  # 'C:\\...' is a drive, 'foo:x' a format
-            _fail(f"--output {spec!r}: unknown format {head!r} (expected one of {', '.join(OUTPUT_FORMATS)})",
-                  EXIT_USAGE)
-        else:
-            fmt, target = SUFFIX_FORMATS.get(Path(spec).suffix.lower(), ""), spec
-            if not fmt:
-                _fail(f"--output {spec!r}: say the format as FORMAT:FILE, FORMAT one of "
-                      f"{', '.join(OUTPUT_FORMATS)} (or use a .xml, .json, .html, .txt file name)", EXIT_USAGE)
-        if not target.strip():
-            _fail(f"--output {spec!r}: no file name after the format", EXIT_USAGE)
-        path = Path(target)
-        if path.is_dir():
-            _fail(f"--output {spec!r}: {target} is a folder", EXIT_USAGE)
-        outputs.append((fmt, path))
-    return outputs
-
-
-def _render(report, fmt: str, max_entries: int | None, *, to_file: bool = False,  # type: ignore[no-untyped-def]
-            verbosity: int = 0, top_entries: int | None = None) -> str:
-    """One format's text. Terminal formats take the terminal's real width (80 columns and up fit)
-    and, on CI, stay bounded (the top entries per case; the rest in a JSON file)."""
-    from gradverify import render
-
-    if fmt == "json":
-        return render.render_json(report)
-    if fmt == "junit":
-        return render.render_junit(report, max_entries=max_entries)
-    if fmt == "github":
-        return render.render_github(report, workspace=os.environ.get("GITHUB_WORKSPACE") or os.getcwd())
-    if fmt == "html":
-        return render.render_html(report)
-    if fmt in ("md", "markdown"):
-        return render.render_markdown(report, max_entries=max_entries)
-    if to_file:  # read after the fact in an editor or a CI artifact: wider, up to --max-entries entries
-        return render.render_plain(report, width=100, max_entries=max_entries, verbosity=verbosity)
-    color = fmt == "rich" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    extra = {"top_entries": top_entries} if top_entries is not None else {}
-    return render.render_terminal(report, width=shutil.get_terminal_size((80, 24)).columns, color=color,
-                                  verbosity=verbosity, max_entries=max_entries, ci=_on_ci(), **extra)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Whole or not at all: a CI job must never publish half a JUnit file."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would hide the artifact from other users
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-
-
-def _emit(report, fmt: str, full: bool, outputs: list[tuple[str, Path]], max_entries: int,  # type: ignore[no-untyped-def]
-          nothing_to_check: bool = False, verbosity: int = 0, top_entries: int | None = None) -> None:
-    """Report files first, then stdout. The files and the terminal report are independent: writing
-    a file never hides the report on stdout (`full` is kept for callers; --quiet is verbosity -1)."""
-    for out_fmt, path in outputs:
-        try:
-            _write_atomic(path, _render(report, out_fmt, max_entries, to_file=True))
-        except OSError as exc:
-            _fail(f"cannot write the {out_fmt} report to {path}: {exc.strerror or exc}", EXIT_USAGE)
-        sys.stderr.write(f"gradverify: wrote the {out_fmt} report to {path}\n")
-    summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
-    github_chosen = fmt == "github" or any(f == "github" for f, _ in outputs)
-    if summary_path and github_chosen:
-        from gradverify.render import render_markdown
-
-        try:
-            with open(summary_path, "a", encoding="utf-8") as handle:
-                handle.write(render_markdown(report, max_entries=max_entries))
-        except OSError as exc:
-            sys.stderr.write(f"gradverify: warning: cannot write the job summary to {summary_path}: {exc}\n")
-    if nothing_to_check and fmt in ("rich", "plain", "github"):
-        sys.stdout.write("gradverify: nothing to check (no spec among the files, none covers them)\n")
-    else:
-        sys.stdout.write(_render(report, fmt, max_entries, verbosity=verbosity, top_entries=top_entries))
-
-
-@app.command("list")
+@app.command("list", add_help_option=False)
 def list_command(
-    paths: Optional[List[Path]] = typer.Argument(None, help="Spec files or folders (default: `paths` in "
-                                                 "\\[tool.gradverify]).", show_default=False),
-    op: List[str] = typer.Option([], "--op", help="Only this Function (repeatable)."),
-    shape: List[str] = typer.Option([], "--shape", help="As for check."),
-    dtype: List[str] = typer.Option([], "--dtype", help="As for check."),
-    device: List[str] = typer.Option([], "--device", help="As for check."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="As for check."),
-    require_device: Optional[bool] = typer.Option(None, "--require-device/--no-require-device",
-                                                  help="As for check."),
-    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
-) -> None:
-    """List the ops a spec path holds, their inputs, and the cases and checks `check` would run."""
-    settings = _resolve_or_exit({"shapes": shape, "dtypes": dtype, "devices": device, "seed": seed, "ops": op,
-                                 "require_device": require_device}, paths, debug)
-    targets = list(paths or []) or [Path(p) for p in settings.paths]
-    if not targets:
-        _fail("no spec path given: pass PATH or set `paths` in [tool.gradverify] of pyproject.toml", EXIT_USAGE)
-    from gradverify.commands.list_ops import list_ops
-    from gradverify.errors import GradverifyError
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", hidden=True)] = None,
+    op: Annotated[list[str], typer.Option("--op", metavar="NAME", help="Only this op (repeatable).")] = [],  # noqa: B006
+    shape: Annotated[list[str], typer.Option("--shape", metavar="S", help="As for check.")] = [],  # noqa: B006
+    dtype: Annotated[list[str], typer.Option("--dtype", metavar="D", help="As for check.")] = [],  # noqa: B006
+    device: Annotated[list[str], typer.Option("--device", metavar="D", help="As for check.")] = [],  # noqa: B006
+    seed: Annotated[str | None, typer.Option("--seed", metavar="N", help="As for check.")] = None,
+    require_device: Annotated[bool | None, typer.Option("--require-device/--no-require-device", metavar="",
+                                                           show_default=False, help="As for check.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show Python tracebacks for errors.")] = False,
+) -> int:
+    """List the ops in PATH, their inputs, and the cases and checks `check` would run.
 
-    try:
-        text = list_ops(targets, settings)
-    except GradverifyError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
-    sys.stdout.write(text)
+    PATH: spec files or folders; default: `paths` in \\[tool.gradverify] of pyproject.toml.
+    """
+    from gradverify.commands.list_ops import run_list
+
+    with _boundary():
+        return run_list(paths or [], op, shape, dtype, device, seed, require_device)
 
 
-@app.command("init")
+@app.command("init", add_help_option=False)
 def init_command(
-    name: str = typer.Argument(..., help="Name of the spec to create, e.g. my_op or specs/my_op.", show_default=False),
-    kind: str = typer.Option("python", "--kind", help="python (NAME.py), yaml (NAME.yaml + the op in NAME.py) "
-                             "or both."),
-) -> None:
-    """Write a commented starter spec that passes as written; never overwrites a file."""
-    from gradverify.commands.init import write_starter
-    from gradverify.errors import GradverifyError
+    name: Annotated[str, typer.Argument(metavar="NAME", show_default=False, hidden=True)],
+    kind: Annotated[str, typer.Option("--kind", metavar="python|yaml|both",
+                                      help="python (NAME.py), yaml (NAME.yaml + the op in NAME.py) or both.")]
+    = "python",
+    help: HelpFlag = False,
+) -> int:
+    """Write a commented starter spec that passes as written; never overwrites a file.
 
+    NAME: the spec to create, e.g. my_op or specs/my_op (NAME.py, NAME.yaml or both).
+    """
+    from gradverify.commands.init import run_init
+
+    with _boundary():
+        return run_init(name, kind)
+
+
+def _usage_message(exc: click_errors.UsageError) -> str:
+    """typer's usage errors in gradverify's one-line style (no box, no usage block)."""
+    if isinstance(exc, click_errors.NoSuchOption):
+        import difflib
+
+        message = f"no such option {exc.option_name}"
+        close = difflib.get_close_matches(exc.option_name, list(exc.possibilities or ()), n=1, cutoff=0.5)
+        if close:
+            message += f" (did you mean {close[0]}?)"
+    else:
+        message = exc.format_message().strip().rstrip(".")
+        message = message[:1].lower() + message[1:]
+    context = getattr(exc, "ctx", None)
+    command = context.command_path if context is not None else "gradverify"
+    return f"{message} (see '{command} --help')"
+
+
+def _run_app(argv: list[str]) -> int:
     try:
-        written = write_starter(name, kind)
-    except GradverifyError as exc:
-        _fail(str(exc), exc.exit_code)
-    for path in written:
-        sys.stdout.write(f"wrote {path}\n")
-    sys.stdout.write(f"next: gradverify check {written[-1]}\n")
+        result = app(args=argv, prog_name="gradverify", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n")
+        return 0
+    except click_errors.UsageError as exc:
+        raise UsageError(_usage_message(exc)) from None
+    except typer.Abort:
+        raise Interrupted() from None
+    return result if isinstance(result, int) else 0
 
 
-def main() -> None:
-    """Console-script entry point; `python -m gradverify` calls the same."""
+def main(argv: list[str] | None = None) -> int:
+    """The entry point: console script (`sys.exit(main())`), `python -m gradverify`, and tests
+    (`main(["check", ...])`). Returns the exit code; never raises."""
     import warnings
 
+    args = list(sys.argv[1:] if argv is None else argv)
     # torch without numpy installed warns at import; gradverify needs no numpy, and that line
     # would be the first thing on stderr before every one-line error.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    try:
-        app(prog_name="gradverify")
-    except SystemExit as exc:
-        code = exc.code
-        if code is None:
-            code = 0
-        if not isinstance(code, int):
-            code = EXIT_USAGE
-        sys.exit(code)
+    return guarded(lambda: _run_app(args), args)

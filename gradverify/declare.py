@@ -22,14 +22,17 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+
+from gradverify.errors import DeclarationError
 
 DECLARATION_ATTR = "__gradverify_checks__"
 
 T = TypeVar("T")
 
 # Declarations of objects that cannot carry an attribute (a builtin, an OpOverload), by identity.
-_REGISTRY: list[tuple[Any, tuple["Declaration", ...]]] = []
+_REGISTRY: list[tuple[Any, tuple[Declaration, ...]]] = []
 
 
 @dataclass(frozen=True)
@@ -65,34 +68,53 @@ class Declaration:
     checks: tuple[str, ...] = ()
 
 
+def _caller() -> tuple[str | None, int | None]:
+    """File and line of the spec code that called gv.tensor / gv.check."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    if frame is None:
+        return None, None
+    return str(Path(frame.f_code.co_filename).resolve()), frame.f_lineno
+
+
+def _reject(label: str, exc: Any) -> DeclarationError:
+    """The schema's message for a declared value, at the line that declared it."""
+    file, line = _caller()
+    return DeclarationError(exc.message(label), file=file, line=line)
+
+
 def tensor(*shape: int, domain: str | None = None, requires_grad: bool = True, dtype: str | None = None,
            low: float | None = None, high: float | None = None) -> TensorArg:
     """Declare a tensor input: `gv.tensor(4, 3, domain="positive")`, `gv.tensor(8, dtype="int64", high=5)`;
     no shape means 'from the command line'."""
+    from gradverify import schema
+
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    for size in shape:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise TypeError(f"gradverify.tensor: sizes must be non-negative ints, got {shape!r}")
+    try:
+        sizes = schema.shape(list(shape))
+    except schema.Invalid as exc:
+        raise _reject("gradverify.tensor: shape", exc) from None
     if domain is not None:
-        from gradverify.domains import DOMAINS
-
-        if domain not in DOMAINS and ":" not in domain:
-            raise ValueError(f"gradverify.tensor: domain {domain!r} is not one of {', '.join(DOMAINS)} "
-                             "(or 'module:function')")
+        try:
+            domain = schema.domain(domain)
+        except schema.Invalid as exc:
+            raise _reject("gradverify.tensor: domain", exc) from None
     if dtype is not None:
         from gradverify.spec.model import FIXED_DTYPES
 
         if dtype not in FIXED_DTYPES:
-            raise ValueError(f"gradverify.tensor: dtype {dtype!r} is not one of {', '.join(FIXED_DTYPES)}")
+            raise _reject("gradverify.tensor: dtype", schema.Invalid(f"one of {', '.join(FIXED_DTYPES)}", dtype,
+                                                                     FIXED_DTYPES))
     for label, value in (("low", low), ("high", high)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value)):
-            raise ValueError(f"gradverify.tensor: {label} must be a finite number, got {value!r}")
+            raise _reject(f"gradverify.tensor: {label}", schema.Invalid("a finite number", value))
     if low is not None and high is not None and high <= low:
-        raise ValueError(f"gradverify.tensor: high ({high}) must be above low ({low})")
+        raise _reject("gradverify.tensor: high", schema.Invalid(f"a number above low ({low})", high))
     fixed_int = dtype is not None and dtype != "bool" and not dtype.startswith(("float", "bfloat"))
-    return TensorArg(shape=tuple(shape) if shape else None, domain=domain,
+    return TensorArg(shape=sizes if shape else None, domain=domain,
                      requires_grad=requires_grad and not fixed_int and dtype != "bool",
                      dtype=dtype, low=low, high=high)
 
@@ -119,13 +141,19 @@ def check(
     name: how the report names the op (default: its own name).
     checks: the optional checks to run for this op (e.g. ["layout", "second_order"]).
     """
-    from gradverify.config import validate_tolerance
+    from gradverify import schema
 
-    for what, value in (("atol", atol), ("rtol", rtol)):
+    options = schema.keys_for(schema.DECLARE)
+    parsed: dict[str, Any] = {}
+    for key, value in (("atol", atol), ("rtol", rtol), ("checks", checks or None)):
         if value is not None:
-            validate_tolerance(value, f"gradverify.check: {what}", error=ValueError)
+            try:
+                parsed[key] = options[key].parse(value)
+            except schema.Invalid as exc:
+                raise _reject(f"gradverify.check: {key}", exc) from None
     if surrogate and expect_failure:
-        raise ValueError("gradverify.check: give surrogate or expect_failure, not both")
+        file, line = _caller()
+        raise DeclarationError("gradverify.check: give surrogate or expect_failure, not both", file=file, line=line)
     frame = inspect.currentframe()
     caller = frame.f_back if frame is not None else None
     line = caller.f_lineno if caller is not None else None
@@ -142,13 +170,13 @@ def check(
         reference=reference,
         surrogate=surrogate_reason,
         expect_failure=expect_failure,
-        atol=atol,
-        rtol=rtol,
+        atol=parsed.get("atol"),
+        rtol=parsed.get("rtol"),
         label=label,
         line=line,
         file=file,
         name=name,
-        checks=tuple(checks),
+        checks=tuple(parsed.get("checks", ())),
     )
 
     def decorate(obj: T) -> T:

@@ -66,8 +66,10 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="op.yaml already exists: refusing to overwrite"):
         write_starter(str(tmp_path / "op"), "both")
     assert not (tmp_path / "op.py").exists() and (tmp_path / "op.yaml").read_text() == "keep me"
-    with pytest.raises(UsageError, match="--kind 'toml'"):
+    with pytest.raises(UsageError, match=r"^--kind: expected one of python, yaml, both, found 'toml'$"):
         starter_files("op", "toml")
+    with pytest.raises(UsageError, match=r"found 'ymal' \(did you mean 'yaml'\?\)"):
+        starter_files("op", "ymal")
 
 
 def test_init_and_list_through_the_cli(tmp_path: Path) -> None:
@@ -78,5 +80,9 @@ def test_init_and_list_through_the_cli(tmp_path: Path) -> None:
     assert again.code == 2 and "refusing to overwrite" in again.stderr
     listed = run_cli("list", "specs", cwd=tmp_path)
     assert listed.code == 0, listed.stderr
+    bad = run_cli("list", "specs", "--dtype", "flaot32", cwd=tmp_path)
+    assert bad.code == 2 and bad.stderr == ("gradverify: error: --dtype: expected one of float64, float32, float16, "
+                                            "bfloat16, complex128, complex64, found 'flaot32' (did you mean "
+                                            "'float32'?)\n")
     assert "NewOp  [Function]  (" in listed.stdout and "declared in specs/new_op.yaml:" in listed.stdout
     assert "4 cases would run" in listed.stdout

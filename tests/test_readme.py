@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 from rich.cells import cell_len
-from typer.testing import CliRunner
-
-from gradverify.cli import app
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -45,14 +43,12 @@ def normalise(text: str) -> str:
 def run_check(args: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     """`gradverify check ARGS` in-process, from the repository root, as a user at an 80-column
     terminal with NO_COLOR and not on CI would run it."""
-    monkeypatch.chdir(REPO)
     for name in list(os.environ):
-        if name.startswith("GRADVERIFY_") or name in ("CI", "GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY"):
+        if name in ("GITHUB_STEP_SUMMARY",):
             monkeypatch.delenv(name)
-    result = CliRunner().invoke(app, ["check", *shlex.split(args)], env={"COLUMNS": "80", "NO_COLOR": "1"})
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout
+    # run_cli drops CI, GITHUB_ACTIONS and GRADVERIFY_* from the environment
+    result = run_cli("check", *shlex.split(args), cwd=REPO, env={"COLUMNS": "80", "NO_COLOR": "1"})
+    return result.code, result.stdout
 
 
 def test_the_readme_has_samples_and_the_main_one_is_marked() -> None:

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
-
-from gradverify.cli import app
+from conftest import run_cli
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 SPECS = CORPUS / "specs"
@@ -20,11 +18,11 @@ SPECS = CORPUS / "specs"
 
 def run(*args: str) -> tuple[int, Any]:
     """`gradverify check ... --format json` in this process: (exit code, parsed report)."""
-    result = CliRunner().invoke(app, ["check", *args, "--format", "json"], env={"NO_COLOR": "1"})
+    result = run_cli("check", *args, "--format", "json")
     try:
-        return result.exit_code, json.loads(result.stdout)
+        return result.code, json.loads(result.stdout)
     except json.JSONDecodeError:
-        return result.exit_code, result.stdout + (result.stderr if result.stderr_bytes is not None else "")
+        return result.code, result.stdout + result.stderr
 
 
 def cases(report: Any) -> dict[str, Any]:
@@ -158,8 +156,8 @@ def test_dim_argument_needs_a_value_and_arg_gives_it(tmp_path: Path, annotation:
 
 def test_unknown_arg_name_is_a_usage_error(tmp_path: Path) -> None:
     path = _write(tmp_path, DIM_OP.format(annotation=": int"))
-    result = CliRunner().invoke(app, ["check", path, "--arg", "axis=1"])
-    assert result.exit_code == 2 and "no op in the given specs has a parameter 'axis'" in result.output
+    result = run_cli("check", path, "--arg", "axis=1")
+    assert result.code == 2 and "no op in the given specs has a parameter 'axis'" in result.stderr, result.stderr
 
 
 def test_symmetric_and_user_sampler_domains(tmp_path: Path) -> None:

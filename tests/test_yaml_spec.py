@@ -217,7 +217,7 @@ ERRORS = {
     """, "function", "found no 'Matmul'"),
     "not a Function": ("""
         function: ops.py:NOT_CALLABLE   #<
-    """, "function", "expected a torch.autograd.Function, a custom op or a differentiable callable, found the integer 3"),
+    """, "function", "expected a torch.autograd.Function, a custom op or a differentiable callable, found 3"),
     "bad function string": ("""
         ops:
           - function: MatMul   #<
@@ -238,7 +238,7 @@ ERRORS = {
         inputs:
           a: {shape: 2x2}   #<
           b: {shape: [2, 2]}
-    """, "inputs.a.shape", "expected a list of sizes and named dims like [N, 3], found the string '2x2'"),
+    """, "inputs.a.shape", "expected a list of sizes and named dims like [N, 3], found '2x2'"),
     "bad size": ("""
         function: ops.py:MatMul
         inputs:
@@ -247,7 +247,13 @@ ERRORS = {
               - 2
               - -1   #<
           b: {shape: [2, 2]}
-    """, "inputs.a.shape[1]", "found the integer -1"),
+    """, "inputs.a.shape[1]", "expected a size from 0 to 2147483647 or a dim name like N, found -1"),
+    "huge size": ("""
+        function: ops.py:MatMul
+        inputs:
+          a: {shape: [2, 99999999999999999999]}   #<
+          b: {shape: [2, 2]}
+    """, "inputs.a.shape[1]", "expected a size from 0 to 2147483647 or a dim name like N, found 99999999999999999999"),
     "bad domain": ("""
         function: ops.py:MatMul
         inputs:
@@ -259,7 +265,7 @@ ERRORS = {
         inputs:
           a: {shape: [2, 2], requires_grad: "no"}   #<
           b: {shape: [2, 2]}
-    """, "inputs.a.requires_grad", "expected true or false, found the string 'no'"),
+    """, "inputs.a.requires_grad", "expected true or false, found 'no'"),
     "unbound dim without cases": ("""
         function: ops.py:MatMul
         inputs:
@@ -305,7 +311,7 @@ ERRORS = {
           b: {shape: [2, 2]}
         cases:
           - {M: two}   #<
-    """, "cases[0].M", "expected a non-negative size, found the string 'two'"),
+    """, "cases[0].M", "expected a size from 0 to 2147483647, found 'two'"),
     "cases without inputs": ("""
         function: ops.py:MatMul
         cases:   #<
@@ -324,12 +330,32 @@ ERRORS = {
     "bad seed": ("""
         function: ops.py:MatMul
         seed: 1.5   #<
-    """, "seed", "expected a non-negative integer, found the number 1.5"),
+    """, "seed", "expected an integer from 0 to 9223344366820, found 1.5"),
+    "overflowing seed": ("""
+        function: ops.py:MatMul
+        seed: 99999999999999999999   #<
+    """, "seed", "expected an integer from 0 to 9223344366820, found 99999999999999999999"),
+    "infinite tolerance": ("""
+        function: ops.py:MatMul
+        atol: .inf   #<
+    """, "atol", "expected a finite non-negative number, found inf"),
+    "bad gradcheck": ("""
+        function: ops.py:MatMul
+        gradcheck: bogus   #<
+    """, "gradcheck", "expected one of fast, slow, off, found 'bogus'"),
+    "bad order": ("""
+        function: ops.py:MatMul
+        order: 3   #<
+    """, "order", "expected 1 (gradients) or 2 (also the double backward), found 3"),
+    "a date is not a seed": ("""
+        function: ops.py:MatMul
+        seed: 2001-13-45   #<
+    """, "seed", "found '2001-13-45'"),
     "bad tolerance": ("""
         function: ops.py:MatMul
         tolerances:
           float32: {atol: small}   #<
-    """, "tolerances.float32.atol", "expected a non-negative number, found the string 'small'"),
+    """, "tolerances.float32.atol", "expected a finite non-negative number, found 'small'"),
     "bad tolerance dtype": ("""
         function: ops.py:MatMul
         tolerances:
@@ -338,11 +364,12 @@ ERRORS = {
     "bad check": ("""
         function: ops.py:MatMul
         checks: [jacobian, hessian]   #<
-    """, "checks[1]", "expected one of contracts, jacobian, needs_input_grad, gradcheck, forward_mode, second_order, device, found 'hessian'"),
+    """, "checks[1]", "expected one of contracts, jacobian, needs_input_grad, gradcheck, forward_mode, "
+                      "second_order, device, found 'hessian'"),
     "bad reference": ("""
         function: ops.py:MatMul
         reference: ops.py:NOT_A_FUNCTION   #<
-    """, "reference", "expected a callable, found the integer 3"),
+    """, "reference", "expected a callable, found 3"),
     "surrogate and expect_failure": ("""
         function: ops.py:MatMul
         surrogate: true
@@ -353,7 +380,7 @@ ERRORS = {
     """, "top level", "expected a mapping with 'function' (one op) or 'ops'"),
     "ops not a list": ("""
         ops: ops.py:MatMul   #<
-    """, "ops", "expected a non-empty list of ops, found the string"),
+    """, "ops", "expected a non-empty list of ops, found 'ops.py:MatMul'"),
 }
 
 
@@ -454,3 +481,107 @@ def test_documented_example_loads_and_passes(tmp_path: Path) -> None:
     settings = Settings(devices=("cpu",), dtypes=("float64",), explicit=frozenset({"devices", "dtypes"}))
     report = check_paths([path], settings)
     assert report.ok and len(report.cases) == 3, [c.message for c in report.cases]
+
+
+# --- hostile files: bounded work, one line each ----------------------------------------------
+
+def _one_line(path: Path) -> str:
+    with pytest.raises(SpecError) as info:
+        load_yaml_spec(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    return message
+
+
+def test_billion_laughs_ends_quickly_with_one_line(folder: Path) -> None:
+    import time
+
+    rows = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 10)}]" for k in range(1, 10)]
+    path = folder / "spec.yaml"
+    path.write_text("\n".join(rows) + "\nfunction: ops.py:MatMul\ninputs: {a: {value: *a9}, b: {shape: [2]}}\n")
+    start = time.monotonic()
+    message = _one_line(path)
+    assert time.monotonic() - start < 5
+    assert "expected at most 100000 values once aliases are expanded" in message
+    merges = "\n".join(["m0: &m0 {k0: 1}"] + [f"m{k}: &m{k} {{<<: [*m{k - 1}, *m{k - 1}], k{k}: 1}}"
+                                               for k in range(1, 40)])
+    path.write_text(merges + "\nfunction: ops.py:MatMul\n")
+    start = time.monotonic()
+    _one_line(path)
+    assert time.monotonic() - start < 5
+
+
+def test_deep_nesting_is_a_yaml_error_not_a_recursion_error(folder: Path) -> None:
+    path = write(folder, "function: ops.py:MatMul\ninputs: {a: {value: " + "[" * 100_000 + "]" * 100_000 + "}}\n")
+    assert "data nested deeper than 50 levels" in _one_line(path)
+    path.write_text("function: ops.py:MatMul\nx: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n")
+    assert "nested deeper than 50 levels" in _one_line(path)
+
+
+def test_recursive_alias_and_huge_numbers(folder: Path) -> None:
+    path = write(folder, "function: ops.py:MatMul\ninputs: {a: {value: &r [*r]}, b: {shape: [2]}}\n")
+    assert "an alias that contains itself" in _one_line(path)
+    path.write_text("function: ops.py:MatMul\nseed: " + "9" * 5000 + "\n")
+    assert ":2:7: yaml: expected valid YAML (plain data only), found an integer of more than 40 characters" \
+        in _one_line(path)
+    path.write_text("function: ops.py:MatMul\nseed: !!int nope\n")
+    assert "which is not an integer" in _one_line(path)
+
+
+def test_non_utf8_control_characters_and_oversized_files(folder: Path) -> None:
+    path = folder / "spec.yaml"
+    path.write_bytes(b"function: ops.py:MatMul\nname: caf\xe9\n")
+    assert "expected a UTF-8 text file, found a byte that is not UTF-8 at offset 33" in _one_line(path)
+    path.write_text("function: ops.py:MatMul\nname: a\x1b[2Jb\n")
+    assert re.search(r"spec.yaml:2:8: yaml: expected printable text, found the control character '\\x1b'$",
+                     _one_line(path))
+    path.write_text("function: ops.py:MatMul\n" + "# padding\n" * 200_000)
+    assert "expected a spec of at most 1 MiB" in _one_line(path)
+
+
+def test_huge_sizes_are_refused_before_anything_is_allocated(folder: Path) -> None:
+    path = write(folder, """
+        function: ops.py:MatMul
+        inputs: {a: {shape: [M, K]}, b: {shape: [K, M]}}
+        cases:
+          - {M: 100000, K: 100000}
+    """)
+    result = run_cli("check", str(path))
+    assert result.code == 2
+    assert result.stderr.strip() == (f"gradverify: error: {path}:1: MatMul: shapes (100000, 100000), (100000, 100000) "
+                                     "need 160 GB for its inputs alone; --max-memory is 512M")
+
+
+def test_infinite_tolerance_no_longer_passes_a_wrong_backward(folder: Path) -> None:
+    (folder / "wrong.py").write_text(OPS.replace("return g @ b.T, a.T @ g", "return g @ b.T, 2 * a.T @ g"))
+    path = write(folder, """
+        function: wrong.py:MatMul
+        inputs: {a: {shape: [2, 3]}, b: {shape: [3, 2]}}
+        atol: .inf
+        rtol: .inf
+    """)
+    result = run_cli("check", str(path))
+    assert result.code == 2 and "atol: expected a finite non-negative number, found inf" in result.stderr
+    path.write_text(path.read_text().replace(".inf", "1e-6"))
+    assert run_cli("check", str(path)).code == 1
+
+
+def test_yaml_settings_reach_the_case(folder: Path) -> None:
+    from gradverify.api import collect_cases
+    from gradverify.cases import case_settings
+    from gradverify.config import Settings
+
+    path = write(folder, """
+        function: ops.py:MatMul
+        inputs: {a: {shape: [2, 3]}, b: {shape: [3, 2]}}
+        gradcheck: slow
+        order: 2
+        mode: full
+        nondet_tol: 1e-12
+    """)
+    [case] = collect_cases([path], Settings())
+    effective = case_settings(case, Settings())
+    assert (effective.gradcheck, effective.order, effective.mode, effective.nondet_tol) == ("slow", 2, "full", 1e-12)
+    chosen = case_settings(case, Settings(gradcheck="off", explicit=frozenset({"gradcheck"})))
+    assert chosen.gradcheck == "off"  # a flag beats the spec

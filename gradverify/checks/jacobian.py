@@ -298,7 +298,7 @@ def _confirm(fd: FiniteDifferences, verdicts: dict[tuple[int, int], torch.Tensor
     """Finite differences accuse alone only where a second, independent step sequence agrees."""
     columns = 0
     by_input: dict[int, torch.Tensor] = {}
-    for (o, p), verdict in verdicts.items():
+    for (_o, p), verdict in verdicts.items():
         hit = (verdict == int(Verdict.MISMATCH)).any(dim=0)
         by_input[p] = hit if p not in by_input else (by_input[p] | hit)
     for p, hit in by_input.items():
@@ -414,7 +414,7 @@ def assemble(ctx: CaseContext, truth: Truth, *, details: list[tuple[str, str]], 
                                                  if kinks else "try another --seed or smaller values (--domain)")]
     for note in notes_list:
         details.append(("note", note))
-    more = f" (at least)" if lower_bound else ""
+    more = " (at least)" if lower_bound else ""
     if failing:
         status = Status.FAILED
         if count:

@@ -6,10 +6,11 @@ run first, then replaces forward and backward with their own.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-from gradverify.errors import UsageError
+from gradverify.errors import UsageError, shorten
 
 KINDS = ("python", "yaml", "both")
 
@@ -109,7 +110,9 @@ def class_name(stem: str) -> str:
 def starter_files(name: str, kind: str = "python") -> dict[Path, str]:
     """The files `init` writes and their text (kind: python, yaml or both)."""
     if kind not in KINDS:
-        raise UsageError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+        from gradverify.schema import Invalid
+
+        raise UsageError(Invalid(f"one of {', '.join(KINDS)}", kind, KINDS).message("--kind"))
     base = Path(name)
     if base.suffix in (".py", ".yaml", ".yml"):
         base = base.with_suffix("")
@@ -130,11 +133,28 @@ def starter_files(name: str, kind: str = "python") -> dict[Path, str]:
 def write_starter(name: str, kind: str = "python") -> list[Path]:
     """Write the starter files; refuses (exit 2) if any of them exists already."""
     files = starter_files(name, kind)
-    existing = [str(p) for p in files if p.exists()]
-    if existing:
-        raise UsageError(f"{existing[0]} already exists: refusing to overwrite it (choose another NAME)")
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as handle:
-            handle.write(text)
+    try:
+        existing = [str(p) for p in files if os.path.lexists(p)]
+        if existing:
+            raise UsageError(f"{existing[0]} already exists: refusing to overwrite it (choose another NAME)")
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "x", encoding="utf-8") as handle:
+                handle.write(text)
+    except OSError as exc:  # a name too long, a parent that is a file, no permission
+        raise UsageError(f"cannot write the starter: {exc.strerror or exc}",
+                         file=shorten(str(exc.filename or name))) from None
     return list(files)
+
+
+def run_init(name: str, kind: str) -> int:
+    """What `gradverify init` does: write the starter, say what to run next."""
+    import sys
+
+    from gradverify.errors import escape_terminal
+
+    written = write_starter(name, kind)
+    for path in written:
+        sys.stdout.write(escape_terminal(f"wrote {path}") + "\n")
+    sys.stdout.write(escape_terminal(f"next: gradverify check {written[-1]}") + "\n")
+    return 0

@@ -133,3 +133,23 @@ def list_ops(paths: Sequence[Path], settings: Settings) -> str:
     out.append(f"{total} case{'s' if total != 1 else ''} would run"
                + (f" (configuration: {config})" if config else ""))
     return "\n".join(out) + "\n"
+
+
+def run_list(paths: Sequence[str], ops: Sequence[str], shapes: Sequence[str], dtypes: Sequence[str],
+             devices: Sequence[str], seed: str | None, require_device: bool | None) -> int:
+    """What `gradverify list` does (flags parsed by the settings schema, as for `check`)."""
+    import sys
+
+    from gradverify.commands.check import check_readable
+    from gradverify.config import resolve_settings
+    from gradverify.errors import UsageError
+
+    targets = [Path(p) for p in paths]
+    check_readable(targets)
+    settings = resolve_settings({"shapes": shapes, "dtypes": dtypes, "devices": devices, "seed": seed, "ops": ops,
+                                 "require_device": require_device}, targets[0] if targets else Path.cwd())
+    targets = targets or [Path(p) for p in settings.paths]
+    if not targets:
+        raise UsageError("no spec path given: pass PATH or set `paths` in [tool.gradverify] of pyproject.toml")
+    sys.stdout.write(list_ops(targets, settings))
+    return 0

@@ -72,6 +72,10 @@ class _Table:
     last_gap: torch.Tensor | None = None
     prev_gap: torch.Tensor | None = None
     last_floor: torch.Tensor | None = None
+    # The best (estimate, bar) per entry among the levels at which its differences behaved
+    # asymptotically (see `note_level`); bar inf where they never did.
+    good_best: torch.Tensor | None = None
+    good_err: torch.Tensor | None = None
 
 
 def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) -> torch.Tensor:
@@ -192,14 +196,36 @@ def kinks_of(table: _Table, best: torch.Tensor) -> torch.Tensor:
         (table.last_gap > 1e-6 * torch.maximum(best.abs(), scale)) & (table.last_gap > 16 * table.last_floor)
 
 
+def note_level(table: _Table, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """After each level: keep, per entry, the tableau's best estimate and bar from a level at
+    which the entry's differences behaved asymptotically (the smallest such bar so far).
+
+    Judging only the finest levels is wrong where refinement went on past the good steps: a
+    forward that cancels (y = a.x with terms of 0.3 summing to 0.003) has rounding far above
+    the 4 eps |f| / h floor, so at small h its differences wander although they were settled at
+    larger h, and an entry that was right at level 3 would end with no bar. Returns the kept
+    (estimate, bar), bar inf where no level behaved yet."""
+    best, err = _tableau(table)
+    if table.good_best is None or table.good_err is None:
+        table.good_best = best.clone()
+        table.good_err = torch.full_like(err, math.inf)
+    ok = asymptotic(table, eps) & (err < table.good_err)
+    table.good_best = torch.where(ok, best, table.good_best)
+    table.good_err = torch.where(ok, err, table.good_err)
+    return table.good_best, table.good_err
+
+
 def finish(table: _Table, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best estimate, error bar and kink flag per entry once refinement stopped."""
-    best, err = _tableau(table)
+    best, err = note_level(table, eps)
     kink = kinks_of(table, best)
     if table.last_gap is not None and table.prev_gap is not None:
-        # At a kink the derivative is any value between the one-sided slopes.
-        err = torch.where(kink, torch.maximum(err, table.last_gap + table.prev_gap), err)
-    err = torch.where(asymptotic(table, eps) | kink, err, torch.full_like(err, math.inf))
+        # At a kink the derivative is any value between the one-sided slopes; a kinked entry
+        # never behaved asymptotically, so its estimate is the tableau's latest best.
+        latest, latest_err = _tableau(table)
+        widened = torch.maximum(latest_err, table.last_gap + table.prev_gap)
+        best = torch.where(kink, latest, best)
+        err = torch.where(kink, widened, err)
     return best, err, kink
 
 
@@ -363,11 +389,12 @@ class FiniteDifferences:
         for level in range(1, MAX_LEVELS):
             h = steps / (2.0 ** level)
             active = None
+            if level >= 3:
+                best, err = note_level(table, eps)
             if level >= START_LEVELS:
-                best, err = _tableau(table)
                 scale = best.abs().amax(dim=1, keepdim=True)
                 limit = target * torch.maximum(best.abs(), 1e-2 * scale)
-                unsettled = ((err > limit) | ~asymptotic(table, eps)).any(dim=1)
+                unsettled = (~(err <= limit)).any(dim=1)  # inf bar: never behaved yet
                 if not bool(unsettled.any()):
                     break
                 active = torch.nonzero(unsettled).reshape(-1)
@@ -478,10 +505,11 @@ class FiniteDifferences:
         steps = torch.tensor([h], dtype=torch.float64)
         add_level(table, plus.unsqueeze(0), minus.unsqueeze(0), f0, steps, eps, None)
         for level in range(1, MAX_LEVELS):
+            if level >= 3:
+                best, err = note_level(table, eps)
             if level >= START_LEVELS:
-                best, err = _tableau(table)
                 scale = best.abs().amax(dim=1, keepdim=True)
-                if not bool(((err > target * torch.maximum(best.abs(), 1e-2 * scale)) | ~asymptotic(table, eps)).any()):
+                if not bool((~(err <= target * torch.maximum(best.abs(), 1e-2 * scale))).any()):
                     break
             hl = h / 2.0 ** level
             add_level(table, at(hl).unsqueeze(0), at(-hl).unsqueeze(0), f0, steps / 2.0 ** level, eps, None)

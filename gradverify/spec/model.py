@@ -95,6 +95,9 @@ class OpSpec:
     dtype_tolerances: tuple[tuple[str, float | None, float | None], ...] = ()
     # Optional checks to run (by name); () = the run's settings decide.
     checks: tuple[str, ...] = ()
+    # Other run settings the spec fixes for this op, as (Settings field, value) (a YAML op's
+    # `gradcheck:`, `order:`, `mode:`, `nondet_tol:`), applied like `dtypes` and `seed` above.
+    settings: tuple[tuple[str, Any], ...] = ()
     # Where the op was declared when that is not its own file (a YAML spec naming it).
     spec_file: str | None = None
     spec_line: int | None = None

@@ -20,131 +20,33 @@ from types import ModuleType
 from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
-from yaml.nodes import MappingNode, SequenceNode
 
-from gradverify.config import DTYPES, parse_dtype
-from gradverify.errors import SpecError, UsageError
+from gradverify import schema
+from gradverify.errors import SpecError
+from gradverify.schema import MAX_SIZE, Invalid, Setting, describe
 from gradverify.spec.model import FIXED_DTYPES, CaseDecl, InputSpec, OpSpec
+from gradverify.spec.yaml_load import MarkedDict, MarkedList, read_yaml, where
 
-OP_KEYS: tuple[str, ...] = ("function", "name", "inputs", "cases", "dtypes", "devices", "seed", "atol",
-                            "rtol", "tolerances", "checks", "reference", "surrogate", "expect_failure", "import",
-                            "load_library")
+# Op keys that are settings, parsed by the one schema (as --dtype, GRADVERIFY_SEED, pyproject
+# and verify() parse them); those without an OpSpec field of their own go to OpSpec.settings.
+SETTING_KEYS: dict[str, Setting] = schema.keys_for(schema.YAML)
+_OP_FIELDS = {"dtypes": "dtypes", "devices": "devices", "seed": "seed", "atol": "atol", "rtol": "rtol",
+              "dtype_tolerances": "dtype_tolerances", "checks": "checks"}
+OP_KEYS: tuple[str, ...] = ("function", "name", "inputs", "cases", *SETTING_KEYS, "reference", "surrogate",
+                            "expect_failure", "import", "load_library")
 TENSOR_KEYS: tuple[str, ...] = ("shape", "domain", "requires_grad", "dtype", "range")
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 DIM_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SIZE_EXPECTED = f"a size from 0 to {MAX_SIZE}"
 
 SizeOrDim = int | str
+_where = where
+
+__all__ = ["DimError", "MarkedDict", "MarkedList", "OP_KEYS", "bind_dims", "describe", "dims_of", "load_yaml_spec",
+           "python_files_used", "read_yaml"]
 
 
-# --- safe loading with marks -------------------------------------------------------------
-
-class MarkedDict(dict):  # type: ignore[type-arg]
-    """A YAML mapping that remembers where it, each key and each value started."""
-
-    mark: yaml.Mark
-    key_marks: dict[Any, yaml.Mark]
-    value_marks: dict[Any, yaml.Mark]
-
-
-class MarkedList(list):  # type: ignore[type-arg]
-    """A YAML sequence that remembers where it and each item started."""
-
-    mark: yaml.Mark
-    item_marks: list[yaml.Mark]
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, mark: yaml.Mark, first: yaml.Mark) -> None:
-        super().__init__(key)
-        self.key, self.mark, self.first = key, mark, first
-
-
-class SpecLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and keeps line/column marks on every container."""
-
-
-def _construct_mapping(loader: SpecLoader, node: MappingNode) -> MarkedDict:
-    seen: dict[Any, yaml.Mark] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.get(key)
-        except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, "found an unhashable key",
-                                                    key_node.start_mark) from None
-        if first is not None:
-            raise _DuplicateKey(key, key_node.start_mark, first)
-        seen[key] = key_node.start_mark
-    loader.flatten_mapping(node)  # `<<: *anchor` merges; the mapping's own keys win
-    data = MarkedDict()
-    data.mark, data.key_marks, data.value_marks = node.start_mark, {}, {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        data[key] = loader.construct_object(value_node, deep=True)
-        data.key_marks[key] = key_node.start_mark
-        data.value_marks[key] = value_node.start_mark
-    return data
-
-
-def _construct_sequence(loader: SpecLoader, node: SequenceNode) -> MarkedList:
-    data = MarkedList(loader.construct_object(child, deep=True) for child in node.value)
-    data.mark = node.start_mark
-    data.item_marks = [child.start_mark for child in node.value]
-    return data
-
-
-SpecLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
-SpecLoader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
-
-
-def _where(mark: yaml.Mark) -> tuple[int, int]:
-    return mark.line + 1, mark.column + 1
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse `path` safely: plain data with marks, or SpecError pointing at the problem."""
-    display = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"cannot read: {exc.strerror}", file=display) from None
-    try:
-        return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
-    except _DuplicateKey as exc:
-        line, col = _where(exc.mark)
-        raise SpecError(f"{exc.key}: expected each key once in a mapping, found {exc.key!r} again "
-                        f"(first at line {exc.first.line + 1})", file=display, line=line, col=col) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = _where(mark) if mark is not None else (None, None)
-        found = exc.problem or "invalid YAML"
-        if exc.context:
-            found += f" ({exc.context})"
-        raise SpecError(f"yaml: expected valid YAML (plain data only), found {found}",
-                        file=display, line=line, col=col) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"yaml: expected valid YAML, found {exc}", file=display) from None
-
-
-def describe(value: Any) -> str:
-    """How an error message names a YAML value it did not expect."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"the integer {value}"
-    if isinstance(value, float):
-        return f"the number {value:g}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE
 
 
 # --- named dims ----------------------------------------------------------------------------
@@ -262,16 +164,27 @@ class _Reader:
             self.fail(data.value_marks[key], _join(path, key), expected, describe(value))
         return value.strip()
 
-    def number(self, value: Any, mark: yaml.Mark, path: str) -> float:
-        # PyYAML reads `1e-8` (no dot) as a string: accept numeric strings too.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-            self.fail(mark, path, "a non-negative number", describe(value))
-        return float(value)
+    def setting(self, data: MarkedDict, key: str, path: str, setting: Setting) -> Any:
+        """An op key that is a setting, parsed by the schema; the error points at the bad item."""
+        value = data[key]
+        try:
+            return setting.parse(value)
+        except Invalid as exc:
+            mark, at = data.value_marks[key], _join(path, key)
+            if exc.index is not None and isinstance(value, MarkedList) and exc.index < len(value.item_marks):
+                mark, at = value.item_marks[exc.index], f"{at}[{exc.index}]"
+            elif exc.index is not None and isinstance(value, MarkedDict) and exc.index < len(value):
+                name = list(value)[exc.index]
+                inner = value[name]
+                sub = exc.at.split(".")[2:]
+                if sub and isinstance(inner, MarkedDict) and sub[0] in inner.value_marks:
+                    mark = inner.value_marks[sub[0]]
+                elif exc.at == f".{name}" and "dtype" in exc.expected:
+                    mark = value.key_marks[name]
+                else:
+                    mark = value.value_marks[name]
+            line, col = _where(mark)
+            raise SpecError(f"{at}{exc.at}: {exc.detail}", file=self.display, line=line, col=col) from None
 
     def string_list(self, data: MarkedDict, key: str, path: str) -> list[tuple[str, yaml.Mark]]:
         value = data[key]
@@ -327,44 +240,20 @@ class _Reader:
         elif "cases" in data:
             self.fail(data.key_marks["cases"], _join(path, "cases"), "'inputs' with named dims for cases to bind",
                       "cases without inputs")
-        if "dtypes" in data:
-            dtypes = []
-            for k, (text, mark) in enumerate(self.string_list(data, "dtypes", path)):
-                try:
-                    dtypes.append(parse_dtype(text))
-                except UsageError:
-                    self.fail(mark, f"{_join(path, 'dtypes')}[{k}]", f"one of {', '.join(DTYPES)}", repr(text))
-            changes["dtypes"] = tuple(dict.fromkeys(dtypes))
-        if "devices" in data:
-            devices = []
-            for k, (text, mark) in enumerate(self.string_list(data, "devices", path)):
-                if not DEVICE_PATTERN.match(text.strip()):
-                    self.fail(mark, f"{_join(path, 'devices')}[{k}]", "cpu, cuda, cuda:N or mps", repr(text))
-                devices.append(text.strip())
-            changes["devices"] = tuple(dict.fromkeys(devices))
-        if "seed" in data:
-            seed = data["seed"]
-            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-                self.fail(data.value_marks["seed"], _join(path, "seed"), "a non-negative integer", describe(seed))
-            changes["seed"] = seed
-        for key in ("atol", "rtol"):
-            if key in data:
-                changes[key] = self.number(data[key], data.value_marks[key], _join(path, key))
-        if "tolerances" in data:
-            changes["dtype_tolerances"] = self.tolerances(data, path)
-        if "checks" in data:
-            from gradverify.checks import check_names
-
-            names = check_names()
-            checks = []
-            for k, (text, mark) in enumerate(self.string_list(data, "checks", path)):
-                if text not in names:
-                    from gradverify.config import did_you_mean
-
-                    self.fail(mark, f"{_join(path, 'checks')}[{k}]", f"one of {', '.join(names)}",
-                              repr(text) + did_you_mean(text, names))
-                checks.append(text)
-            changes["checks"] = tuple(dict.fromkeys(["jacobian", *checks]))
+        extra_settings: list[tuple[str, Any]] = []
+        for key, setting in SETTING_KEYS.items():
+            if key not in data:
+                continue
+            value = self.setting(data, key, path, setting)
+            field = _OP_FIELDS.get(setting.name)
+            if field == "checks":
+                value = tuple(dict.fromkeys(["jacobian", *value]))
+            if field:
+                changes[field] = value
+            else:
+                extra_settings.append((setting.name, value))
+        if extra_settings:
+            changes["settings"] = tuple(extra_settings)
         if "reference" in data:
             changes["reference"] = self.reference(data, path)
         if "surrogate" in data and "expect_failure" in data:
@@ -491,23 +380,6 @@ class _Reader:
             self.fail(data.value_marks["reference"], _join(path, "reference"), "a callable", describe(obj))
         return obj
 
-    def tolerances(self, data: MarkedDict, path: str) -> tuple[tuple[str, float | None, float | None], ...]:
-        base = _join(path, "tolerances")
-        table = self.mapping(data["tolerances"], data.value_marks["tolerances"], base,
-                             "a mapping of dtype to {atol, rtol}")
-        rows = []
-        for dtype, tol in table.items():
-            if dtype not in DTYPES:
-                self.fail(table.key_marks[dtype], f"{base}.{dtype}", f"a dtype ({', '.join(DTYPES)})", repr(dtype))
-            tol = self.mapping(tol, table.value_marks[dtype], f"{base}.{dtype}", "a mapping with atol and/or rtol")
-            self.keys(tol, ("atol", "rtol"), f"{base}.{dtype}")
-            if not tol:
-                self.fail(table.value_marks[dtype], f"{base}.{dtype}", "atol and/or rtol", "an empty mapping")
-            atol = self.number(tol["atol"], tol.value_marks["atol"], f"{base}.{dtype}.atol") if "atol" in tol else None
-            rtol = self.number(tol["rtol"], tol.value_marks["rtol"], f"{base}.{dtype}.rtol") if "rtol" in tol else None
-            rows.append((dtype, atol, rtol))
-        return tuple(rows)
-
     def inputs_and_cases(self, data: MarkedDict, path: str, op: OpSpec) -> tuple[CaseDecl, ...]:
         base = _join(path, "inputs")
         inputs = self.mapping(data["inputs"], data.value_marks["inputs"], base,
@@ -549,14 +421,11 @@ class _Reader:
                 shape = self.shape(value, where, dim_marks, inputs)
             domain = None
             if "domain" in value:
-                from gradverify.config import did_you_mean
-                from gradverify.domains import DOMAINS
-
-                domain = value["domain"]
-                if not isinstance(domain, str) or (domain not in DOMAINS and ":" not in domain):
-                    self.fail(value.value_marks["domain"], f"{where}.domain",
-                              f"one of {', '.join(DOMAINS)} or 'module:function'",
-                              describe(domain) + (did_you_mean(domain, DOMAINS) if isinstance(domain, str) else ""))
+                try:
+                    domain = schema.domain(value["domain"])
+                except Invalid as exc:
+                    line, col = _where(value.value_marks["domain"])
+                    raise SpecError(f"{where}.domain: {exc.detail}", file=self.display, line=line, col=col) from None
             dtype = None
             if "dtype" in value:
                 dtype = value["dtype"]
@@ -632,7 +501,7 @@ class _Reader:
                       "a list of sizes and named dims like [N, 3]", describe(value))
         out: list[SizeOrDim] = []
         for k, (size, mark) in enumerate(zip(value_list, marks)):
-            if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            if _is_size(size):
                 out.append(size)
             elif isinstance(size, str) and DIM_PATTERN.match(size) and not keyword.iskeyword(size):
                 if size in inputs:
@@ -641,7 +510,7 @@ class _Reader:
                 dim_marks.setdefault(size, (mark, f"{where}.shape[{k}]"))
                 out.append(size)
             else:
-                self.fail(mark, f"{where}.shape[{k}]", "a non-negative size or a dim name like N", describe(size))
+                self.fail(mark, f"{where}.shape[{k}]", f"{SIZE_EXPECTED} or a dim name like N", describe(size))
         return out
 
     def cases(self, data: MarkedDict, path: str, templates: list[InputSpec],
@@ -668,15 +537,14 @@ class _Reader:
             concrete: dict[str, list[int]] = {}
             for key, value in entry.items():
                 if key in shapes:
-                    if not (isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool)
-                                                           and n >= 0 for n in value)):
+                    if not (isinstance(value, list) and all(_is_size(n) for n in value)):
                         self.fail(entry.value_marks[key], f"{where}.{key}", "a concrete shape like [2, 3]",
                                   describe(value))
                     concrete[key] = list(value)
-                elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                elif _is_size(value):
                     sizes[key] = value
                 else:
-                    self.fail(entry.value_marks[key], f"{where}.{key}", "a non-negative size", describe(value))
+                    self.fail(entry.value_marks[key], f"{where}.{key}", SIZE_EXPECTED, describe(value))
             shape_dims = set(dims_of(shapes))
             range_only = {d: v for d, v in sizes.items() if d not in shape_dims and d in dims}
             try:

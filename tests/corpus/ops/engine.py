@@ -5,7 +5,6 @@ engine fixes it (sum-reducing a broadcast gradient, casting the dtype) before it
 .grad. Training is correct, so a checker should *warn*, not fail; the strict versions and one
 real bug (a surrogate derivative) are listed too.
 """
-import math
 
 import torch
 

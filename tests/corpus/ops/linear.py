@@ -1,5 +1,4 @@
 """Category 8: LinearFunction from the PyTorch docs, with ctx.needs_input_grad guards."""
-import torch
 from torch.autograd import Function
 
 
