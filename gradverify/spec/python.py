@@ -105,13 +105,16 @@ def import_spec_module(path: Path) -> ModuleType:
                 sys.path.remove(p)
             except ValueError:
                 pass
-        local_prefix = folder.rstrip(os.sep) + os.sep
+        # Modules the spec pulled in from its folder or its project (a `mypkg` beside `specs/`)
+        # are the user's files as they are now: dropped, so the next spec (another project in
+        # the same pytest session, or an edited file) imports its own. Installed packages stay.
+        local_prefixes = tuple(dict.fromkeys(p.rstrip(os.sep) + os.sep for p in (folder, str(root) if root else folder)))
         for name in set(sys.modules) - before:
             mod = sys.modules.get(name)
             mod_file = getattr(mod, "__file__", None) or ""
             if name == module_name:
                 continue
-            if mod_file.startswith(local_prefix) and "site-packages" not in mod_file:
+            if mod_file.startswith(local_prefixes) and "site-packages" not in mod_file:
                 sys.modules.pop(name, None)
 
 
