@@ -251,8 +251,9 @@ def _result(ctx: CaseContext, used: list[Stash]) -> CheckResult:
                        f"{'them' if plural else 'it'}: first-order gradients are right, but double backward treats "
                        f"{'them as constants' if plural else 'it as a constant'} and silently drops the dependence on "
                        "the inputs")
-            diagnoses.append(Diagnosis("ctx_attribute", message, hint=INTERMEDIATE_HINT,
-                                       severity=Severity.WARNING if order2 else Severity.NOTE))
+            # evidence: which attributes, for the second-order check's explanation.
+            diagnoses.append(Diagnosis("ctx_attribute", message, hint=INTERMEDIATE_HINT, evidence=f"{function}'s "
+                                       f"{_names(group)}", severity=Severity.WARNING if order2 else Severity.NOTE))
             continue
         role = kind.split("-")[0]
         what = {"input": "inputs" if plural else "an input", "output": "outputs" if plural else "an output",

@@ -41,10 +41,12 @@ INPUT_HINT = "call x.contiguous() in forward before the kernel reads it, or pass
 @dataclass(frozen=True)
 class Layout:
     """One way of laying out the same values: `apply(t)` returns a tensor equal to t in another
-    layout (differentiably, for inputs), `kind` the short name, `what` how it arises."""
+    layout (differentiably, for inputs); `kind` is its short name, `what` the layout and
+    `origin` where a real model produces it."""
 
     kind: str
     what: str
+    origin: str
     apply: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     fits: Callable[[torch.Tensor], bool]
 
@@ -91,18 +93,23 @@ def _big(t: torch.Tensor) -> bool:
     return t.dim() >= 1 and t.numel() > 1
 
 
+def _square_ish(t: torch.Tensor) -> bool:
+    return t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1
+
+
 GRAD_LAYOUTS = (
-    Layout("narrow", "a strided slice of a wider tensor (as torch.cat/split give each part)", _narrow, _big),
-    Layout("expanded", "a stride-0 expansion, as .sum()/.expand give", _expanded, _big),
-    Layout("transposed", "a transposed view", _transposed,
-           lambda t: t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1),
-    Layout("channels_last", "channels_last (4-D)", _channels_last, lambda t: t.dim() == 4 and t.numel() > 1),
+    Layout("narrow", "a strided slice of a wider tensor", "as torch.cat and split hand each part its gradient",
+           _narrow, _big),
+    Layout("expanded", "a stride-0 expansion", "as the gradient of .sum() or .expand is", _expanded, _big),
+    Layout("transposed", "a transposed view", "as a transpose or permute downstream gives", _transposed, _square_ish),
+    Layout("channels_last", "channels_last", "as a channels_last model gives", _channels_last,
+           lambda t: t.dim() == 4 and t.numel() > 1),
 )
 INPUT_LAYOUTS = (
-    Layout("strided", "a strided slice of a wider tensor (as torch.split/narrow give)", _narrow, _big),
-    Layout("transposed", "a transposed view", _transposed,
-           lambda t: t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1),
-    Layout("channels_last", "channels_last (4-D)", _channels_last, lambda t: t.dim() == 4 and t.numel() > 1),
+    Layout("strided", "a strided slice of a wider tensor", "as torch.split, chunk or narrow give", _narrow, _big),
+    Layout("transposed", "a transposed view", "as .t(), transpose or permute give", _transposed, _square_ish),
+    Layout("channels_last", "channels_last", "as a channels_last model gives", _channels_last,
+           lambda t: t.dim() == 4 and t.numel() > 1),
 )
 
 
@@ -170,8 +177,8 @@ class LayoutCheck:
         contiguous[o] = strided.contiguous()
         probe = dict(cotangents)
         probe[o] = strided
-        what = (f"with {layout.what} as grad_output for {ctx.output_names[o]} "
-                f"(strides {tuple(strided.stride())} instead of {tuple(strided.contiguous().stride())})")
+        what = (f"with the grad_output for {ctx.output_names[o]} as {layout.what} (strides "
+                f"{tuple(strided.stride())} instead of {tuple(strided.contiguous().stride())}, {layout.origin})")
         try:
             want = base if layout.kind != "expanded" else engine_vjp(run, contiguous)
         except UserCodeError:
@@ -210,13 +217,14 @@ def _input_outcome(ctx: CaseContext, run: ForwardRun, cotangents: dict[int, torc
                    layout: Layout, positions: list[int], gen: torch.Generator) -> _Finding | None:
     names = ", ".join(ctx.input_names[p] for p in positions)
     shown = {p: layout.apply(ctx.args[p].detach(), gen) for p in positions}
-    detail = "; ".join(f"{ctx.input_names[p]} strides {tuple(shown[p].stride())}" for p in positions)
-    what = f"with {layout.what} as {names} ({detail})"
+    detail = "; ".join((f"{ctx.input_names[p]} " if len(positions) > 1 else "") + f"strides {tuple(shown[p].stride())}"
+                       for p in positions)
+    what = f"with {names} as {layout.what} ({detail}, {layout.origin})"
     try:
         strided_run = _strided_forward(ctx, {p: (lambda t, lay=layout: lay.apply(t, gen)) for p in positions})
     except UserCodeError as exc:
-        return _Finding(f"forward rejects {names} as {layout.what} ({first_line(exc.original)}): not checked in that "
-                        "layout", on_input=True, severity=Severity.NOTE)
+        return _Finding(f"forward rejects {names} as {layout.what} ({first_line(exc.original)}): that layout was "
+                        "not checked", on_input=True, severity=Severity.NOTE)
     # The forward's values first: a forward that reads its input as if contiguous is wrong already.
     for o, out in run.diff_outputs:
         other = dict(strided_run.diff_outputs).get(o)

@@ -146,10 +146,11 @@ class NondeterminismCheck:
             notes = (text,) + ((note,) if note else ())
             return [CheckResult(name=NAME, status=Status.PASSED, summary="rounding-level spread",
                                 message=text, notes=notes)]
-        if spread.first_only:
-            cause = ("the first call differs from the later ones, which agree: the backward changes state it reads "
-                     "(it writes into a saved tensor or a ctx attribute), so a second backward through the same graph "
-                     "(retain_graph=True) is wrong")
+        stateful = spread.first_only or self._fresh_graphs_agree(ctx)
+        if stateful:
+            cause = ("the first call on a graph is reproducible (each fresh forward gives it again) but later calls on "
+                     "the same graph differ: the backward changes state it reads (it writes into a saved tensor or a "
+                     "ctx attribute), so a second backward through the same graph (retain_graph=True) is wrong")
             hint = "compute out of place in backward: never write into ctx.saved_tensors or tensors kept on ctx"
         else:
             cause = "beyond a change of summation order"
@@ -159,7 +160,7 @@ class NondeterminismCheck:
             cause += ("; under torch.use_deterministic_algorithms(True) the calls agree: a nondeterministic kernel "
                       "whose error exceeds the tolerance")
             hint = "use a deterministic kernel (or accumulate in a higher precision)"
-        elif again is not None and not spread.first_only:
+        elif again is not None and not stateful:
             cause += "; under torch.use_deterministic_algorithms(True) they still differ"
         message = (f"{calls} identical backward calls differ beyond the case's tolerance ({tol}) at {spread.beyond} of "
                    f"{spread.total} entries (spread up to {spread.worst:.3g}, {spread.relative:.2g} of the gradient's "
@@ -186,6 +187,22 @@ class NondeterminismCheck:
                        for _ in range(REPEATS)]
         names = [ctx.input_names[p] for p, _ in run.leaves]
         return measure_spread(results, ctx.tolerance, ctx.settings.nondet_tol, names), REPEATS
+
+    def _fresh_graphs_agree(self, ctx: CaseContext) -> bool:
+        """Whether first calls on fresh graphs agree with each other (two forwards, one backward
+        each): then the spread comes from state the backward changes on its graph."""
+        devices = [torch.device(a.device).index or 0 for a in ctx.args
+                   if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
+        firsts = []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for _ in range(2):
+                    run = run_forward(ctx.op, ctx.signature, ctx.args, ctx.diff_positions)
+                    gen = torch.Generator().manual_seed(ctx.case.seed + 707)
+                    firsts.append(_aligned(run, engine_vjp(run, random_cotangents(run, gen))))
+        except UserCodeError:
+            return False
+        return not measure_spread(firsts, ctx.tolerance, ctx.settings.nondet_tol).beyond
 
     def _deterministic_rerun(self, ctx: CaseContext) -> tuple[Spread | None, str]:
         """The repeats under torch.use_deterministic_algorithms(True), the flag restored after."""

@@ -48,7 +48,9 @@ def engine_vjp(run: ForwardRun, cotangents: dict[int, torch.Tensor], *, phase: s
     with user_code(phase):
         grads = torch.autograd.grad([outputs[o] for o in keys], leaves, [cotangents[o] for o in keys],
                                     retain_graph=True, allow_unused=True)
-    return {p: (g.detach() if g is not None else None) for (p, _), g in zip(run.leaves, grads)}
+    # Copies: a backward that returns a tensor it keeps (ctx.grad *= g; return ctx.grad) would
+    # otherwise change this result on its next call.
+    return {p: (g.detach().clone() if g is not None else None) for (p, _), g in zip(run.leaves, grads)}
 
 
 def add(a: Gradients, b: Gradients) -> Gradients:

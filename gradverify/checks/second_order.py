@@ -126,7 +126,9 @@ class SecondOrderCheck:
             stashed = [d for d in (hygiene.diagnoses if hygiene else ())
                        if d.kind == "ctx_attribute" and d.severity is Severity.WARNING]
             if stashed:
-                lead += ("; " if constant else ": ") + "; ".join(d.message for d in stashed)
+                lead += (("; " if constant else ": ") + "backward uses " + " and ".join(d.evidence for d in stashed)
+                         + ", kept on ctx (computed in forward, not an input or output), which double backward "
+                         "treats as a constant")
             diagnoses = (Diagnosis("second_order", lead, evidence="; ".join(d.message for d in patterns[:2]),
                                    hint=hint),) + tuple(replace(d, severity=Severity.ERROR) for d in stashed)
             results.append(CheckResult(name=NAME, status=Status.FAILED, summary=f"{count} / {total}",
