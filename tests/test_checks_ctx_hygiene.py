@@ -227,3 +227,32 @@ def test_the_check_can_be_skipped() -> None:
     report = gradverify.verify(BadCustomFunction, rand(4), order=2, skip_checks=("ctx_hygiene",))
     assert check(report, "ctx_hygiene") is None
     assert {d.kind for d in check(report, "second_order").diagnoses} == {"second_order"}
+
+
+class DropoutMaskOnCtx(Fn):
+    """A random mask kept on ctx: it changes between forwards at the same inputs, so it is not
+    a function of them and double backward is not affected by treating it as a constant."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mask = (torch.rand(x.shape, dtype=x.dtype) > 0.3).to(x.dtype) / 0.7
+        return x * ctx.mask
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.mask
+
+
+def test_a_random_tensor_on_ctx_is_not_taken_for_an_input_dependent_one() -> None:
+    from gradverify.cases import Case
+    from gradverify.checks.base import CaseContext
+    from gradverify.checks.ctx_hygiene import CtxHygieneCheck
+    from gradverify.config import Settings
+    from gradverify.spec.model import InputSpec, OpSpec
+
+    op = OpSpec(name="DropoutMaskOnCtx", op=FunctionOp(DropoutMaskOnCtx), file="d.py", line=1,
+                params=(InputSpec(name="x"),))
+    case = Case(op=op, inputs=(InputSpec(name="x", shape=(50,)),), dtype="float64", device="cpu", seed=0)
+    [result] = CtxHygieneCheck().run(CaseContext(case, Settings(order=2), [rand(50)]))
+    assert result.status is Status.PASSED and "ctx.mask" in result.message
+    assert "double backward treats" not in " ".join(result.notes)

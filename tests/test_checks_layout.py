@@ -291,7 +291,8 @@ def test_selected_from_the_command_line_and_yaml(tmp_path) -> None:
         "    @staticmethod\n"
         "    def backward(ctx, g):\n"
         "        return g.as_strided(g.shape, (g.shape[1], 1), g.storage_offset()) * 2  # reads g as contiguous\n")
-    (tmp_path / "spec.yaml").write_text("function: ops.py:Scale\ninputs:\n  x: {shape: [3, 4]}\nchecks: [contracts, jacobian]\n")
+    (tmp_path / "spec.yaml").write_text(
+        "function: ops.py:Scale\ninputs:\n  x: {shape: [3, 4]}\nchecks: [contracts, jacobian]\n")
     only_core = run_cli("check", str(tmp_path / "spec.yaml"), "--format", "json")
     assert only_core.code == 0, only_core.stdout + only_core.stderr
     assert "layout" not in {c["name"] for c in only_core.json()["cases"][0]["checks"]}

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from gradverify.checks.base import CaseContext
-from gradverify.checks.probes import differences, engine_vjp, random_cotangents
+from gradverify.checks.probes import differences, engine_vjp, python_nodes, random_cotangents
 from gradverify.numerics.forward import ForwardRun, run_forward
 from gradverify.report import CheckResult, Diagnosis, Severity, Status
 from gradverify.usercode import UserCodeError
@@ -61,27 +61,6 @@ class Stash:
         for key in self.path[1:]:
             text += f"[{key!r}]"
         return text
-
-
-def python_nodes(run: ForwardRun) -> list[Any]:
-    """The Python Function nodes of the graph whose ctx the user's code fills (their own
-    Functions, and the generated nodes of torch.library custom ops, whose ctx setup_context
-    fills), in a deterministic order (depth first from the outputs)."""
-    seen: set[int] = set()
-    stack = [out.grad_fn for _, out in reversed(run.diff_outputs) if out.grad_fn is not None]
-    nodes = []
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        cls = getattr(node, "_forward_cls", None)
-        if cls is not None:
-            module = getattr(cls, "__module__", "") or ""
-            if not module.startswith("torch") or module.startswith("torch._library"):
-                nodes.append(node)
-        stack.extend(next_node for next_node, _ in reversed(tuple(getattr(node, "next_functions", ()))))
-    return nodes
 
 
 def _walk(value: Any, path: tuple[Any, ...], depth: int) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
@@ -197,14 +176,21 @@ class CtxHygieneCheck:
                                       .to(x.device))).to(x.dtype)
         try:
             other = run_forward(ctx.op, ctx.signature, moved, ctx.diff_positions)
+            # The same inputs again: a tensor that changes there too is random (a dropout mask),
+            # not a function of the inputs, and is left undecided.
+            same = run_forward(ctx.op, ctx.signature, ctx.args, ctx.diff_positions)
         except UserCodeError:
             return
-        other_nodes = python_nodes(other)
+        other_nodes, same_nodes = python_nodes(other), python_nodes(same)
         for s in intermediates:
-            if s.node_index >= len(other_nodes):
+            if s.node_index >= min(len(other_nodes), len(same_nodes)):
                 continue
             value = _lookup(other_nodes[s.node_index], s.path)
-            if isinstance(value, torch.Tensor) and value.shape == s.tensor.shape:
+            again = _lookup(same_nodes[s.node_index], s.path)
+            if not (isinstance(value, torch.Tensor) and isinstance(again, torch.Tensor)
+                    and value.shape == again.shape == s.tensor.shape):
+                continue
+            if torch.equal(again.detach(), s.tensor.detach()):
                 s.depends = not torch.equal(value.detach(), s.tensor.detach())
 
 

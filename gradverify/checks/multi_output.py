@@ -26,7 +26,7 @@ import torch
 
 from gradverify.checks.base import CaseContext
 from gradverify.checks.probes import (Gradients, add, describe_difference, differences, engine_vjp, first_line,
-                                      random_cotangents)
+                                      python_nodes, random_cotangents)
 from gradverify.numerics.forward import ForwardRun
 from gradverify.report import CheckResult, Diagnosis, Status
 from gradverify.usercode import UserCodeError, user_frame
@@ -87,7 +87,7 @@ class MultiOutputCheck:
             except UserCodeError as exc:
                 findings.append(_undefined(ctx, o, exc))
         if findings:
-            return _failed(findings, len(outs))
+            return _failed(findings)
         singles = ({o: without[next(k for k in outs if k != o)] for o in outs} if len(outs) == 2 else {})
         for o in outs:
             if o in singles:
@@ -97,7 +97,7 @@ class MultiOutputCheck:
             except UserCodeError as exc:
                 findings.append(_undefined(ctx, next(k for k in outs if k != o), exc, several=True))
         if findings:
-            return _failed(findings, len(outs))
+            return _failed(findings)
         summed: Gradients = {}
         for o in outs:
             summed = add(summed, singles[o])
@@ -121,18 +121,18 @@ class MultiOutputCheck:
                     p, d = next(iter(off.items()))
                     findings.append(Diagnosis(
                         "multi_output",
-                        f"with the grad_output for {ctx.output_names[o]} absent (zeros, or None under materialize_grads "
-                        f"off) and the others random, {describe_difference(ctx.input_names[p], d)} from the sum of the "
-                        "one-output gradients", input=ctx.input_names[p], hint=MULTI_HINT))
+                        f"with the grad_output for {ctx.output_names[o]} absent (zeros, or None under "
+                        f"materialize_grads off) and the others random, {describe_difference(ctx.input_names[p], d)} "
+                        "from the sum of the one-output gradients", input=ctx.input_names[p], hint=MULTI_HINT))
         if findings:
-            return _failed(findings, len(outs))
+            return _failed(findings)
         probes = 1 + len(outs) + (len(outs) if len(outs) > 2 else 0)
         return CheckResult(name=NAME, status=Status.PASSED, summary=f"{probes}/{probes} ok",
-                           message=f"the backward adds up: all {len(outs)} grad_outputs at once equal the sum of one at "
-                                   "a time, and it handles each grad_output absent")
+                           message=f"the backward adds up: all {len(outs)} grad_outputs at once equal the sum of one "
+                                   "at a time, and it handles each grad_output absent")
 
 
-def _failed(findings: list[Diagnosis], n_outputs: int) -> CheckResult:
+def _failed(findings: list[Diagnosis]) -> CheckResult:
     kinds = sorted({d.kind for d in findings})
     message = findings[0].message + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else "")
     return CheckResult(name=NAME, status=Status.FAILED, message=message, summary="failed: " + ", ".join(kinds),
@@ -144,12 +144,12 @@ def _undefined(ctx: CaseContext, o: int, exc: UserCodeError, *, several: bool = 
     name = ctx.output_names[o]
     where = _where(ctx, exc)
     what = "the other grad_outputs" if several else f"the grad_output for {name}"
+    unused = "they are" if several else f"{name} is"
     if _none_related(exc.original):
-        message = (f"with {what} None (the engine passes None when {'they are' if several else name + ' is'} unused and "
-                   f"materialize_grads is off), backward raised {first_line(exc.original)}{where}")
+        message = (f"with {what} None (the engine passes None when {unused} unused and materialize_grads is off), "
+                   f"backward raised {first_line(exc.original)}{where}")
     else:
-        message = (f"with {what} absent (as when {'they are' if several else name + ' is'} unused), backward raised "
-                   f"{first_line(exc.original)}{where}")
+        message = f"with {what} absent (as when {unused} unused), backward raised {first_line(exc.original)}{where}"
     return Diagnosis("undefined_grad", message, output=name, hint=UNDEFINED_HINT)
 
 
@@ -197,22 +197,6 @@ def _where(ctx: CaseContext, exc: UserCodeError) -> str:
 # --- explaining a raise that surfaced in another check -------------------------------------------
 
 
-def _python_nodes(run: ForwardRun) -> list[Any]:
-    """The Python autograd.Function nodes of the run's graph (the user's Functions and custom ops)."""
-    seen: set[int] = set()
-    stack = [out.grad_fn for _, out in run.diff_outputs if out.grad_fn is not None]
-    nodes = []
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if getattr(node, "_forward_cls", None) is not None:
-            nodes.append(node)
-        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
-    return nodes
-
-
 def _explain_raise(ctx: CaseContext) -> CheckResult | None:
     """A backward that raised in the contracts or the Jacobian check because a Python Function
     received None for an output's gradient: run the engine once more with pre-hooks recording
@@ -220,7 +204,7 @@ def _explain_raise(ctx: CaseContext) -> CheckResult | None:
     run = ctx.run
     received: list[tuple[Any, list[int]]] = []
     handles = []
-    for node in _python_nodes(run):
+    for node in python_nodes(run):
         def record(grad_outputs: tuple[Any, ...], node: Any = node) -> None:
             received.append((node, [k for k, go in enumerate(grad_outputs) if go is None]))
 
@@ -243,8 +227,8 @@ def _explain_raise(ctx: CaseContext) -> CheckResult | None:
     function = getattr(node, "_forward_cls", type(node)).__name__
     outputs = ", ".join(str(k) for k in missing)
     message = (f"{function}.backward received None as the grad_output for its output {outputs} (the engine passes "
-               f"None for an output that is unused -- {ctx.case.op.name} never uses it -- when materialize_grads is off) "
-               f"and raised {first_line(error.original)}{_where(ctx, error)}")
+               f"None for an output that is unused -- {ctx.case.op.name} never uses it -- when materialize_grads is "
+               f"off) and raised {first_line(error.original)}{_where(ctx, error)}")
     return CheckResult(name=NAME, status=Status.FAILED, message=message, summary="failed: undefined_grad",
                        diagnoses=(Diagnosis("undefined_grad", message, hint=UNDEFINED_HINT),))
 

@@ -136,14 +136,28 @@ def describe_difference(name: str, d: Difference) -> str:
     return f"the gradient for {name} differs at {d.count} of {d.total} entries ({worst})"
 
 
-def strides_text(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, strides {tuple(t.stride())}"
-
-
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def is_float(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+def python_nodes(run: ForwardRun) -> list[Any]:
+    """The Python Function nodes of the run's graph whose ctx the user's code fills (their own
+    Functions, and the generated nodes of torch.library custom ops, whose ctx setup_context
+    fills; not torch's own, like checkpoint's), in a deterministic order (depth first from the
+    outputs)."""
+    seen: set[int] = set()
+    stack = [out.grad_fn for _, out in reversed(run.diff_outputs) if out.grad_fn is not None]
+    nodes = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None:
+            module = getattr(cls, "__module__", "") or ""
+            if not module.startswith("torch") or module.startswith("torch._library"):
+                nodes.append(node)
+        stack.extend(next_node for next_node, _ in reversed(tuple(getattr(node, "next_functions", ()))))
+    return nodes
