@@ -209,14 +209,19 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
                                                                  f"{case.op.name}.register_autograd(backward, "
                                                                  "setup_context=...)"),)))
         return _finish(ctx, base, notes, settings)
+    stopped = False
     for check in selected(settings.checks, settings.add_checks, settings.skip_checks):
+        if stopped and not getattr(check, "explains_errors", False):
+            continue
         if progress:
             progress(check.name)
         results = check.run(ctx)
         ctx.results.extend(results)
         if check.name == "contracts" and any(r.status is Status.ERROR or (
                 r.status is Status.FAILED and any(d.kind == "shape_mismatch" for d in r.diagnoses)) for r in results):
-            break  # a backward that raises or returns the wrong count: nothing else can run on it
+            # A backward that raises or returns the wrong count: nothing else can run on it, but
+            # a check that explains such errors (explains_errors) still may.
+            stopped = True
     return _finish(ctx, base, notes, settings)
 
 

@@ -141,7 +141,8 @@ class InPlaceColumnNormalize(Fn):
 
 
 class JitteryBackward(Fn):
-    """Simulates atomic-add ordering noise: tiny, but not reproducible."""
+    """Varies from call to call beyond rounding (noise of 1e-6 against a tolerance of 1.5e-8 in
+    float64; rounding-level variation, as atomic adds give, passes with a note)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -149,7 +150,7 @@ class JitteryBackward(Fn):
 
     @staticmethod
     def backward(ctx, g):
-        return 2 * g + 1e-12 * torch.randn_like(g)
+        return 2 * g + 1e-6 * torch.randn_like(g)
 
 
 class CubeUsesOnes(Fn):

@@ -19,7 +19,8 @@ def test_list_shows_ops_inputs_cases_and_checks() -> None:
     assert "MatMul  [Function]  (" in text and "ops/matmul.py:" in text and "declared in" in text \
         and "matmul.yaml:5)" in text
     assert "inputs:   a: tensor, b: tensor" in text
-    assert "a(2,3) b(3,4)  float32  cpu  seed 0  [spec]: contracts; jacobian; gradcheck skipped in float32" in text
+    assert ("a(2,3) b(3,4)  float32  cpu  seed 0  [spec]: contracts; jacobian; layout; ctx_hygiene; nondeterminism; "
+            "gradcheck skipped in float32") in text
     assert "x: tensor, beta=2.0" in text and "gradcheck off" in text
     assert "expected: surrogate gradient" in text
     assert text.rstrip().endswith("6 cases would run")

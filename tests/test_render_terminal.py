@@ -408,3 +408,24 @@ def test_long_names_and_messages_still_fit_the_width() -> None:
     text = render_terminal(report, width=80)
     assert "∂attention_output[11,22,33]/∂query_projection_weight[44,55,66]" in text  # stacked, not cut
     assert "expected -1.235e-5  got 7500  |err| 7500" in flat(text)
+
+
+def test_passing_and_not_applicable_checks_beyond_the_core_share_a_row_unless_verbose() -> None:
+    extra = (CheckResult("layout", Status.PASSED, summary="5/5 layouts ok"),
+             CheckResult("ctx_hygiene", Status.PASSED, summary="nothing on ctx"),
+             CheckResult("transforms", Status.SKIPPED, summary="not applicable"),
+             CheckResult("forward_mode", Status.SKIPPED, summary="no jvp"),
+             CheckResult("registration", Status.WARNED, summary="missing_fake"))
+    case = failing_case()
+    case = replace(case, checks=case.checks + extra)
+    text = render_terminal(Report(cases=(case,)), width=80)
+    table = text.split("\n\n")[0]
+    assert "contracts" in table and "jacobian" in table and "gradcheck" in table  # core and failing: own rows
+    assert "registration" in table and "WARN" in table  # a warning is never folded away
+    assert "layout" not in table and "ctx_hygiene" not in table and "transforms" not in table
+    assert re.search(r"2 more\s+PASS\s+ok \(-v\)", table) and re.search(r"2 more\s+SKIP\s+n/a \(-v\)", table)
+    verbose = render_terminal(Report(cases=(case,)), width=80, verbosity=1).split("\n\n")[0]
+    assert all(name in verbose for name in ("layout", "ctx_hygiene", "transforms", "forward_mode"))
+    assert "more" not in verbose
+    one = render_terminal(Report(cases=(replace(case, checks=failing_case().checks + extra[:1]),)), width=80)
+    assert "layout" in one.split("\n\n")[0]  # folding a single check saves nothing

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SPECS, run_cli
+from gradverify.checks import check_names
 from gradverify.errors import SpecError
 from gradverify.spec import load_path, load_spec
 from gradverify.spec.yaml_spec import DimError, bind_dims, load_yaml_spec
@@ -364,8 +365,7 @@ ERRORS = {
     "bad check": ("""
         function: ops.py:MatMul
         checks: [jacobian, hessian]   #<
-    """, "checks[1]", "expected one of contracts, jacobian, needs_input_grad, gradcheck, forward_mode, "
-                      "second_order, device, found 'hessian'"),
+    """, "checks[1]", f"expected one of {', '.join(check_names())}, found 'hessian'"),
     "bad reference": ("""
         function: ops.py:MatMul
         reference: ops.py:NOT_A_FUNCTION   #<

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 from gradverify.checks.base import CaseContext, Check
 from gradverify.checks.contracts import ContractsCheck
+from gradverify.checks.ctx_hygiene import CtxHygieneCheck
 from gradverify.checks.device import DeviceCheck
 from gradverify.checks.forward_mode import ForwardModeCheck
 from gradverify.checks.gradcheck import GradcheckCheck
 from gradverify.checks.jacobian import JacobianCheck
+from gradverify.checks.layout import LayoutCheck
+from gradverify.checks.multi_output import MultiOutputCheck
 from gradverify.checks.needs_input_grad import NeedsInputGradCheck
+from gradverify.checks.nondeterminism import NondeterminismCheck
 from gradverify.checks.second_order import SecondOrderCheck
 
 CHECKS: tuple[Check, ...] = (
     ContractsCheck(),
     JacobianCheck(),
     NeedsInputGradCheck(),
+    LayoutCheck(),
+    CtxHygieneCheck(),
+    MultiOutputCheck(),
+    NondeterminismCheck(),
     GradcheckCheck(),
     ForwardModeCheck(),
     SecondOrderCheck(),

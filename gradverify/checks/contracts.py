@@ -11,13 +11,13 @@ would reject and None gradients for inputs that need one are failures. For every
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from gradverify.checks.base import CaseContext
+from gradverify.checks.nondeterminism import measure_spread, selected_in
 from gradverify.report import CheckResult, Diagnosis, Severity, Status
 from gradverify.usercode import UserCodeError, user_code
 
@@ -116,7 +116,10 @@ class ContractsCheck:
         try:
             _finite(ctx, first, findings, passed)
             _determinism(ctx, first, call(g1), findings, passed)
-            _linearity(ctx, first, call(g2), call(_combine(g1, g2)), findings, passed)
+            # Linearity compares three calls: on a backward whose calls differ beyond the
+            # tolerance it would only measure that difference again, under the wrong name.
+            if not any(f.contract == "determinism" for f in findings):
+                _linearity(ctx, first, call(g2), call(_combine(g1, g2)), findings, passed)
         except UserCodeError as exc:
             return [ctx.user_error(NAME, exc)]
         return [_result(findings, passed)]
@@ -285,37 +288,26 @@ def _finite(ctx: CaseContext, grads: tuple[Any, ...], findings: list[_Finding], 
         passed.append("finite")
 
 
-# Two identical backward calls that differ by more than this many eps of the gradients' dtype
-# (relative to the gradient's largest entry) differ beyond a change of summation order: atomic
-# adds on a GPU reorder sums (a few eps), a wrong backward differs by O(1).
-NONDET_EPS = 64
-
-
 def _determinism(ctx: CaseContext, first: tuple[Any, ...], again: tuple[Any, ...], findings: list[_Finding],
                  passed: list[str]) -> None:
-    worst = 0.0
-    worst_rel = 0.0
-    eps = 0.0
-    for a, b in zip(first, again):
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.numel():
-            diff = float((_wide(a) - _wide(b)).abs().max())
-            scale = float(_wide(a).abs().max())
-            worst = max(worst, diff)
-            worst_rel = max(worst_rel, diff / scale if scale > 0 else (math.inf if diff else 0.0))
-            real = a.real.dtype if a.is_complex() else a.dtype
-            eps = max(eps, torch.finfo(real).eps if real.is_floating_point else 0.0)
-    limit = max(ctx.settings.nondet_tol, NONDET_EPS * eps)
-    if worst and worst_rel > limit:
-        message = (f"backward gave different results on two identical calls (max difference {worst:.3g}, "
-                   f"{worst_rel:.2g} relative, beyond a change of summation order)")
+    """Two identical calls, judged as the nondeterminism check judges its repeats (one criterion:
+    the spread against the case's tolerance plus --nondet-tol). The finding stays here as well,
+    so that a Jacobian mismatch it explains is linked to it; the rounding-level note and the
+    fuller verdict (more calls, torch.use_deterministic_algorithms) are that check's."""
+    names = [ctx.input_names[p] for p in _positional(ctx)]
+    spread = measure_spread([first, again], ctx.tolerance, ctx.settings.nondet_tol, names)
+    if spread.beyond:
+        message = (f"backward gave different results on two identical calls (max difference {spread.worst:.3g}, "
+                   f"{spread.relative:.2g} of the gradient's scale, beyond the case's tolerance: more than a change "
+                   "of summation order)")
         findings.append(_Finding("determinism", Diagnosis(
             "nondeterministic", message,
             hint="a backward that depends on state or randomness; pass --nondet-tol if this is expected")))
-    else:
-        if worst:
-            ctx.notes.append(f"two identical backward calls differ at rounding level ({worst_rel:.2g} relative): "
-                             "nondeterministic summation order, not a wrong gradient")
-        passed.append("determinism")
+        return
+    if spread.worst and not selected_in(ctx.settings):
+        ctx.notes.append(f"two identical backward calls differ at rounding level ({spread.relative:.2g} of the "
+                         "gradient's scale): nondeterministic summation order, not a wrong gradient")
+    passed.append("determinism")
 
 
 def _linearity(ctx: CaseContext, first: tuple[Any, ...], second: tuple[Any, ...], mixed: tuple[Any, ...],

@@ -9,6 +9,7 @@ Jacobian check has already judged. The same judging policy as the first order ap
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from gradverify.numerics.forward import call_op, clone_args, is_differentiable_o
 from gradverify.numerics.reference import Reference
 from gradverify.numerics.vjp import VjpSource
 from gradverify.ops.base import as_tuple
-from gradverify.report import CheckResult, Diagnosis, Status
+from gradverify.report import CheckResult, Diagnosis, Severity, Status
 from gradverify.usercode import UserCodeError, boundary, user_code
 
 NAME = "second_order"
@@ -118,8 +119,18 @@ class SecondOrderCheck:
             if constant:
                 lead += (f": the gradient for {', '.join(constant)} has no autograd graph (backward detaches, runs "
                          "under no_grad, or uses a tensor stashed on ctx), so its derivative reads as zero")
+                hint += ("; a backward that is not meant to be differentiated again should be decorated with "
+                         "@once_differentiable, so that double backward raises instead of returning zeros")
+            # The ctx_hygiene check (run before) found the tensors on ctx that explain it.
+            hygiene = ctx.result("ctx_hygiene")
+            stashed = [d for d in (hygiene.diagnoses if hygiene else ())
+                       if d.kind == "ctx_attribute" and d.severity is Severity.WARNING]
+            if stashed:
+                lead += (("; " if constant else ": ") + "backward uses " + " and ".join(d.evidence for d in stashed)
+                         + ", kept on ctx (computed in forward, not an input or output), which double backward "
+                         "treats as a constant")
             diagnoses = (Diagnosis("second_order", lead, evidence="; ".join(d.message for d in patterns[:2]),
-                                   hint=hint),)
+                                   hint=hint),) + tuple(replace(d, severity=Severity.ERROR) for d in stashed)
             results.append(CheckResult(name=NAME, status=Status.FAILED, summary=f"{count} / {total}",
                                        message=f"{count} / {total} second-order entries mismatched",
                                        max_abs_err=max_err, mismatch_count=count, total_entries=total,

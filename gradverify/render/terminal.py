@@ -65,7 +65,7 @@ def render_terminal(report: Report, *, width: int = 80, color: bool = False, ver
                       color_system="standard" if color else None, highlight=False, emoji=False, markup=False,
                       legacy_windows=False, soft_wrap=False)
     if report.cases:
-        console.print(summary_table(report))
+        console.print(summary_table(report, fold=verbosity < 1))
     if verbosity >= 0:
         opts = Options(width=width, verbosity=verbosity, ci=ci,
                        limit=_entry_limit(max_entries, verbosity, ci, top_entries), verbose_limit=max_entries)
@@ -128,8 +128,10 @@ def _entry_limit(max_entries: int | None, verbosity: int, ci: bool, top_entries:
 
 # -- the summary table -----------------------------------------------------------------------------
 
-def summary_table(report: Report) -> Table:
-    """One row per check; the case's name is spread over its rows (op / inputs / dtype device)."""
+def summary_table(report: Report, *, fold: bool = False) -> Table:
+    """One row per check; the case's name is spread over its rows (op / inputs / dtype device).
+    fold: the passing and not-applicable checks beyond the core ones share one row each (a
+    custom op runs ten checks; at 80 columns the table must not push the finding off screen)."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold", expand=False)
     table.add_column(Text("case"), overflow="fold")
     table.add_column(Text("check"), no_wrap=True)
@@ -137,7 +139,7 @@ def summary_table(report: Report) -> Table:
     table.add_column(Text("max |err|"), no_wrap=True, justify="right")
     table.add_column(Text("result"), overflow="fold")
     for case in report.cases:
-        rows = _case_rows(case)
+        rows = _case_rows(case, fold)
         names = _name_parts(case, len(rows))
         for k, (check, verdict, err, result) in enumerate(rows):
             name = Text(names[k] if k < len(names) else "", style="bold" if k == 0 else "")
@@ -153,16 +155,32 @@ def _name_parts(case: CaseResult, rows: int) -> list[str]:
     return parts[:rows - 1] + [" ".join(parts[rows - 1:])]
 
 
-def _case_rows(case: CaseResult) -> list[tuple[str, Text, str, Text]]:
+# Always a row of their own: the contracts and the Jacobian are the verdict on the backward.
+ALWAYS_SHOWN = ("contracts", "jacobian")
+
+
+def _case_rows(case: CaseResult, fold: bool = False) -> list[tuple[str, Text, str, Text]]:
     if not case.checks:
         message = case.message.removeprefix("skipped: ") if case.status is Status.SKIPPED else case.message
         return [("", Text(case.status.label, style=STATUS_STYLE[case.status]), "", Text(message or "-"))]
     rows = []
+    folded: dict[Status, list[str]] = {Status.PASSED: [], Status.SKIPPED: []}
     for check in case.checks:
+        if fold and check.name not in ALWAYS_SHOWN and check.counts and check.status in folded:
+            folded[check.status].append(check.name)
+            continue
         style = STATUS_STYLE[check.status] if check.counts else "dim"
         err = num(check.max_abs_err) if shows_max_err(check) else ""
         result = Text(check_result_text(check), style="" if check.counts else "dim")
         rows.append((check.name, Text(counted_label(check), style=style), err, result))
+    for status, names in folded.items():
+        if len(names) == 1:  # one row either way: show it as itself
+            check = next(c for c in case.checks if c.name == names[0])
+            rows.append((check.name, Text(check.status.label, style=STATUS_STYLE[status]), "",
+                         Text(check_result_text(check))))
+        elif names:
+            what = "ok (-v)" if status is Status.PASSED else "n/a (-v)"
+            rows.append((f"{len(names)} more", Text(status.label, style=STATUS_STYLE[status]), "", Text(what)))
     return rows
 
 
