@@ -1,0 +1,371 @@
+"""Rules about *where* the wrong entries sit: where a condition on an input holds (a wrong
+branch), in a box of the block (blockwise), at a few entries or a few of the input's entries
+(partial), with the sign flipped there (sign)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from gradverify.diagnose.view import BlockView, box_text, fits, listing
+from gradverify.report import Diagnosis, format_index
+
+# --- wrong branch ------------------------------------------------------------------------------
+
+# A condition names a wrong branch only when the wrong entries falling exactly inside it would
+# be this unlikely if the same number of wrong entries had been spread at random over the
+# entries that matter (hypergeometric: C(in condition, k) / C(all, k)). 1 in 200 keeps a
+# 4-of-12 confinement (1/495: every entry with label == 0 wrong, every other right) and rejects
+# 2 of 12 (1/66) or 3 wrong among 5 that qualify out of 12 (1/22): coincidences at that size.
+BRANCH_CHANCE = 5e-3
+# Scalar arguments used as thresholds ("x > margin") besides 0, at most this many.
+MAX_THRESHOLDS = 4
+
+
+@dataclass
+class Condition:
+    """A condition on one tensor, evaluated per unit (an output or an input entry)."""
+
+    name: str           # "x"
+    op: str             # "< 0"
+    complement: str     # ">= 0"
+    side: str           # "out" or "in": which index of the block the tensor lines up with
+    holds: torch.Tensor  # per unit
+
+    @property
+    def text(self) -> str:
+        return f"{self.name} {self.op}"
+
+    @property
+    def at(self) -> str:
+        return f"{self.name}[...] {self.op}"
+
+    @property
+    def otherwise(self) -> str:
+        return f"{self.name} {self.complement}"
+
+
+def _align(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """value laid out over the units of one side (flattened), when its shape equals that side's
+    or broadcasts to it."""
+    if not isinstance(value, torch.Tensor) or value.numel() <= 1 or value.is_complex() or not shape:
+        return None
+    value = value.detach().cpu()
+    if tuple(value.shape) != shape:
+        try:
+            if tuple(torch.broadcast_shapes(tuple(value.shape), shape)) != shape:
+                return None
+        except RuntimeError:
+            return None
+        value = value.expand(shape)
+    return value.reshape(-1)
+
+
+def _thresholds(v: BlockView) -> list[tuple[float, str]]:
+    found = [(0.0, "0")]
+    for name, value in (v.block.inputs or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0 and math.isfinite(value):
+            found.append((float(value), f"{name} (= {value:g})"))
+    return found[: 1 + MAX_THRESHOLDS]
+
+
+def _conditions(v: BlockView, bad_units: dict[str, torch.Tensor]) -> Iterator[Condition]:
+    tensors: list[tuple[str, Any]] = list((v.block.inputs or {}).items()) + list((v.block.outputs or {}).items())
+    sides = {"out": v.out_shape, "in": v.in_shape}
+    thresholds = _thresholds(v)
+    for name, value in tensors:
+        for side, shape in sides.items():
+            u = _align(value, shape)
+            if u is None:
+                continue
+            if u.dtype == torch.bool:
+                yield Condition(name, "= True", "= False", side, u.clone())
+                yield Condition(name, "= False", "= True", side, ~u)
+            elif not u.is_floating_point():
+                bad_values = torch.unique(u[bad_units[side]])
+                good_values = torch.unique(u[~bad_units[side]])
+                if bad_values.numel() == 1:
+                    k = int(bad_values[0])
+                    yield Condition(name, f"== {k}", f"!= {k}", side, u == k)
+                if good_values.numel() == 1:
+                    k = int(good_values[0])
+                    yield Condition(name, f"!= {k}", f"== {k}", side, u != k)
+            else:
+                u = u.double()
+                for threshold, shown in thresholds:
+                    yield Condition(name, f"< {shown}", f">= {shown}", side, u < threshold)
+                    yield Condition(name, f"> {shown}", f"<= {shown}", side, u > threshold)
+
+
+def _units(v: BlockView, mask: torch.Tensor, side: str) -> torch.Tensor:
+    m = v.matrix(mask)
+    return m.any(1) if side == "out" else m.any(0)
+
+
+def _best_condition(v: BlockView) -> tuple[Condition, float, int, int] | None:
+    """The condition that confines every wrong unit with the least chance of a coincidence:
+    (condition, chance, wrong units, units where it holds)."""
+    bad_units = {side: _units(v, v.bad, side) for side in ("out", "in")}
+    rel_units = {side: _units(v, v.relevant, side) for side in ("out", "in")}
+    best: tuple[Condition, float, int, int] | None = None
+    for cond in _conditions(v, bad_units):
+        bad, rel = bad_units[cond.side], rel_units[cond.side]
+        if bool((bad & ~cond.holds).any()) or not bool((rel & ~cond.holds).any()):
+            continue
+        k, n, inside = int(bad.sum()), int(rel.sum()), int((rel & cond.holds).sum())
+        if k < 2:
+            continue
+        chance = math.comb(inside, k) / math.comb(n, k)
+        if best is None or chance < best[1]:
+            best = (cond, chance, k, inside)
+    return best
+
+
+def condition_observation(v: BlockView) -> str:
+    """'all 3 have x[...] < 0, the only such entries' when a condition fits the wrong entries
+    exactly but too few of them to name a branch (an observation, not a claim)."""
+    found = _best_condition(v)
+    if found is None or found[2] != found[3]:
+        return ""
+    cond, _, k, _ = found
+    return f"all {k} have {cond.at}, the only such entries"
+
+
+def wrong_branch(v: BlockView) -> Diagnosis | None:
+    found = _best_condition(v)
+    if found is None or found[1] > BRANCH_CHANCE:
+        return None
+    cond, chance, k, inside = found
+    units = f"{v.out_name} entries" if cond.side == "out" else f"{v.in_name} entries"
+    code, relation = v.relation(v.bad)
+    cover = "every one of them" if k == inside else f"{k} of the {inside} such {units}"
+    message = (f"{v.deriv}: errors confined to the entries where {cond.text}: all wrong entries have {cond.at} "
+               f"({cover}); every entry with {cond.otherwise} matches")
+    if relation:
+        message += f"; {relation}"
+    where = v.box_words()
+    if where:
+        message += f"; they sit in {where}"
+    if code == "ignored":
+        hint = (f"forward ignores the entries where {cond.text} (its output does not depend on them), but backward "
+                "still sends them a gradient: apply the same mask/ignore condition in backward")
+    elif code == "zero":
+        hint = (f"the branch of backward for {cond.text} returns 0: a dropped slope or term in that branch (compare "
+                "it with forward's branch)")
+    else:
+        hint = (f"the branch of backward taken where {cond.text} has the wrong formula (a factor, a sign or a term "
+                "missing there): compare it with the derivative of forward's branch")
+    return Diagnosis("wrong_branch", message, output=v.out_name, input=v.in_name,
+                     evidence=f"{k} wrong {units}, all inside the condition; chance of that at random {chance:.1g}",
+                     hint=hint)
+
+
+# --- sign in a subset --------------------------------------------------------------------------
+
+def sign_subset(v: BlockView) -> Diagnosis | None:
+    """Every wrong entry is exactly the negated truth; the others match."""
+    if not bool(fits(v.a, -v.t, v.allowed)[v.bad].all()):
+        return None
+    n_bad = v.n_bad
+    where = _alignment(v)
+    message = f"{v.deriv}: {n_bad} entries have the wrong sign (backward = -truth there); the others match"
+    if where:
+        message += f"; {where}"
+    return Diagnosis("sign", message, output=v.out_name, input=v.in_name,
+                     evidence=f"{n_bad}/{n_bad} wrong entries are the negated truth",
+                     hint="a subtraction the wrong way round in one branch of the formula?")
+
+
+# --- blockwise ---------------------------------------------------------------------------------
+
+# A box of the block is "blockwise wrong" when at least this share of its relevant entries is
+# wrong (a tile or a slice computed by the wrong code path is wrong nearly everywhere in it; an
+# entry where the wrong formula happens to agree may be right) and it holds at most this share
+# of the block's relevant entries (otherwise it is the whole block). Scattered wrong entries
+# that merely span a box (repeated indices 3 and 4 of an embedding: 12 of 15) stay below it.
+BOX_FILL = 0.9
+BOX_MAX_SHARE = 0.75
+
+
+def blockwise(v: BlockView) -> Diagnosis | None:
+    """The wrong entries fill a box of the block (a slice or tile along some dims of the output
+    and/or the input) and every relevant entry outside it matches."""
+    if v.n_bad < 4:
+        return None
+    idx = torch.nonzero(v.bad)
+    lo, hi = idx.min(0).values.tolist(), idx.max(0).values.tolist()
+    shape = (*v.out_shape, *v.in_shape)
+    if all(lo[d] == 0 and hi[d] == shape[d] - 1 for d in range(len(shape))):
+        return None
+    box = torch.ones(v.bad.shape, dtype=torch.bool)
+    for d in range(len(shape)):
+        line = torch.zeros(shape[d], dtype=torch.bool)
+        line[lo[d]: hi[d] + 1] = True
+        box &= line.reshape([shape[d] if k == d else 1 for k in range(len(shape))])
+    in_box = int((v.relevant & box).sum())
+    if in_box == 0 or v.n_bad < BOX_FILL * in_box or in_box > BOX_MAX_SHARE * v.n_relevant:
+        return None
+    if not bool((v.relevant & ~box).any()):
+        return None
+    no = len(v.out_shape)
+    for dims in (range(no), range(no, len(shape))):
+        pinned_dims = [d for d in dims if (lo[d], hi[d]) != (0, shape[d] - 1)]
+        if pinned_dims and len(pinned_dims) == len(dims):
+            return None  # a few entries of a tensor, not a slice along a dim: partial's business
+    for d in range(len(shape)):
+        if (lo[d], hi[d]) != (0, shape[d] - 1) and len(set(idx[:, d].tolist())) != hi[d] - lo[d] + 1:
+            return None  # a gap inside the range: scattered entries that merely span a box
+    ranges = list(zip(lo, hi))
+    out_full = all(lo[d] == 0 and hi[d] == shape[d] - 1 for d in range(no))
+    in_full = all(lo[d] == 0 and hi[d] == shape[d] - 1 for d in range(no, len(shape)))
+    out_box = v.out_name if out_full else box_text(v.out_name, ranges[:no], v.out_shape)
+    in_box_text = v.in_name if in_full else box_text(v.in_name, ranges[no:], v.in_shape)
+    region = f"∂{out_box}/∂{in_box_text}"
+    relation = v.ratio_text(v.bad)
+    message = (f"{v.deriv}: errors confined to the block {region} ({v.n_bad} of its {in_box} non-zero entries wrong); "
+               "every entry outside it matches")
+    if relation:
+        message += f"; {relation}"
+    pinned = [f"{v.out_name}'s dim {d}" for d in range(no) if (lo[d], hi[d]) != (0, shape[d] - 1)]
+    pinned += [f"{v.in_name}'s dim {d - no}" for d in range(no, len(shape)) if (lo[d], hi[d]) != (0, shape[d] - 1)]
+    return Diagnosis("blockwise", message, output=v.out_name, input=v.in_name,
+                     evidence=f"the wrong entries span a box along {', '.join(pinned)}; "
+                              f"{v.n_relevant - in_box} non-zero entries outside it all match",
+                     hint="a tile, slice or boundary handled by its own code path: a loop bound that stops early, an "
+                          "offset, or a special case for the last block/row/channel")
+
+
+# --- partial -----------------------------------------------------------------------------------
+
+# A block with at most this share of its non-zero truth entries wrong is "partly" wrong.
+PARTIAL_SHARE = 0.25
+# ... and one whose wrong entries sit at no more than this share of the input's (or output's)
+# entries that matter: the gradient of some entries is wrong, the rest right.
+PARTIAL_UNIT_SHARE = 0.5
+
+
+def partial_few(v: BlockView) -> Diagnosis | None:
+    bad = v.bad
+    n_bad = v.n_bad
+    relevant = int((v.nz_t | bad).sum())
+    if relevant == 0 or n_bad > max(3, PARTIAL_SHARE * relevant):
+        return None
+    entries = v.bad_entries()
+    where = _alignment(v)
+    listed = listing([v.entry(o, i) for o, i in entries])
+    message = f"{n_bad} of {relevant} entries of {v.deriv} are wrong: {listed}"
+    if where:
+        message += f"; {where}"
+    observation = condition_observation(v)
+    if observation:
+        message += f" ({observation})"
+    return Diagnosis("partial", message, output=v.out_name, input=v.in_name,
+                     evidence=f"{relevant - n_bad}/{relevant} non-zero entries match",
+                     hint="a boundary case or one index of the formula is wrong" if not where else
+                     f"look at the code path for {where.removeprefix('all in ').removeprefix('all at ')}")
+
+
+def partial_units(v: BlockView) -> Diagnosis | None:
+    """The gradient is wrong for a minority of the input's entries (columns), or for a minority
+    of the output's entries (rows), and right for all the others."""
+    for side in ("in", "out"):
+        bad = _units(v, v.bad, side)
+        rel = _units(v, v.relevant, side)
+        k, n = int(bad.sum()), int(rel.sum())
+        if k == 0 or k > PARTIAL_UNIT_SHARE * n or not bool((rel & ~bad).any()):
+            continue
+        shape, name = (v.in_shape, v.in_name) if side == "in" else (v.out_shape, v.out_name)
+        from gradverify.numerics.blocks import unravel
+
+        positions = [format_index(name, unravel(f, shape)) for f in torch.nonzero(bad).reshape(-1).tolist()]
+        relation = v.ratio_text(v.bad).removesuffix(" there")
+        if side == "in":
+            message = (f"the gradient for {name} is wrong at {k} of its {n} entries that matter: "
+                       f"{listing(positions)}; right at every other entry")
+        else:
+            message = (f"the gradients of {k} of {n} {name} entries are wrong: {listing(positions)}; the other "
+                       f"{name} entries' gradients are right")
+        if relation:
+            message += f"; at the {v.n_bad} wrong entries of {v.deriv} {relation}"
+        hint = ("one index of the formula is wrong for some entries: an index map or offset (off by one at a "
+                "boundary, a start/end credited to the wrong group), a term left out at special positions, or a "
+                "loop that skips a remainder")
+        repeated = _repeated_index(v, bad) if side == "in" else ""
+        if repeated:
+            message += f"; {repeated}"
+            hint = ("where an index repeats, the contributions must be summed: index_add_ / scatter_add_ / "
+                    "index_put_(accumulate=True), not an assignment or scatter_ that keeps one of them")
+        return Diagnosis("partial", message, output=v.out_name, input=v.in_name,
+                         evidence=f"{n - k} of {n} {name} entries have a right gradient ({v.n_bad} wrong entries in "
+                                  f"{v.deriv})", hint=hint)
+    return None
+
+
+# Index arguments up to this size are scanned for repeats (a Python loop; an observation only).
+MAX_INDEX_SCAN = 100_000
+
+
+def _repeated_index(v: BlockView, bad_cols: torch.Tensor) -> str:
+    """'they are exactly the entries that indices selects more than once' when the wrong input
+    entries are the ones an integer argument addresses twice or more (an overwrite instead of an
+    accumulation): for a lookup weight[index] (embedding), the rows it repeats; for an index of
+    the input's rank (gather/scatter along dim d), the entries a line of it repeats."""
+    from collections import Counter
+
+    from gradverify.numerics.blocks import unravel
+
+    wrong = {unravel(f, v.in_shape) for f in torch.nonzero(bad_cols).reshape(-1).tolist()}
+    for name, value in (v.block.inputs or {}).items():
+        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() \
+                or value.dtype == torch.bool or not 2 <= value.numel() <= MAX_INDEX_SCAN:
+            continue
+        index = value.detach().cpu()
+        for d, size in enumerate(v.in_shape):
+            if index.dim() == len(v.in_shape) and all(index.shape[k] <= v.in_shape[k]
+                                                      for k in range(index.dim()) if k != d):
+                keys: Counter[tuple[int, ...]] = Counter()
+                for position, target in zip(torch.cartesian_prod(*[torch.arange(n) for n in index.shape])
+                                            .reshape(-1, index.dim()).tolist(), index.reshape(-1).tolist()):
+                    position[d] = target
+                    keys[tuple(position)] += 1
+                repeated = {k for k, c in keys.items() if c >= 2 and 0 <= k[d] < size}
+                if repeated and repeated == wrong:
+                    return (f"they are exactly the entries that {name} selects more than once along dim {d} "
+                            f"({listing([str(list(k)) for k in sorted(repeated)], 4)})")
+            if d == 0 and tuple(v.out_shape) == tuple(index.shape) + tuple(v.in_shape[1:]):
+                # weight[index] (an embedding lookup): rows selected by repeated values.
+                values, counts = torch.unique(index.reshape(-1), return_counts=True)
+                rows = {int(x) for x, c in zip(values.tolist(), counts.tolist()) if c >= 2 and 0 <= x < size}
+                if rows and {p[d] for p in wrong} == rows:
+                    which = ", ".join(map(str, sorted(rows)))
+                    return (f"they are exactly the entries of {v.in_name}'s dim {d} that {name} selects more than "
+                            f"once ({which})")
+    return ""
+
+
+def _alignment(v: BlockView) -> str:
+    """'all in x[..., 0]' / 'all in out[1, :]' when the wrong entries line up along a dim."""
+    entries = v.bad_entries(limit=20000)
+    if len(entries) < 2:
+        return ""
+    for d in range(len(v.in_shape)):
+        values = {i[d] for _, i in entries}
+        if len(values) == 1:
+            return f"all in {v.in_name}[{_pin(len(v.in_shape), d, values.pop(), v.in_shape[d])}]"
+    for d in range(len(v.out_shape)):
+        values = {o[d] for o, _ in entries}
+        if len(values) == 1:
+            return f"all in {v.out_name}[{_pin(len(v.out_shape), d, values.pop(), v.out_shape[d])}]"
+    return ""
+
+
+def _pin(ndim: int, dim: int, value: int, size: int) -> str:
+    text = str(value) if value != size - 1 or size == 1 else f"{value} (the last)"
+    parts = [":"] * ndim
+    parts[dim] = text
+    if dim == ndim - 1 and ndim > 1:
+        return "..., " + text
+    return ", ".join(parts)
