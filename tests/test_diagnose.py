@@ -562,6 +562,27 @@ def unit_rows(*shape: int, seed: int = 0) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
+
+class Diff(Fn):
+    """y = x[..., 1:] - x[..., :-1] (torch.diff along the last dim)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x[..., 1:] - x[..., :-1]
+
+    @staticmethod
+    def backward(ctx, g):
+        zero = g.new_zeros(*g.shape[:-1], 1)
+        return torch.cat([zero, g], -1) - torch.cat([g, zero], -1)
+
+
+class DiffLastColumnSign(Diff):
+    @staticmethod
+    def backward(ctx, g):
+        grad = Diff.backward(ctx, g)
+        grad[..., -1] = -grad[..., -1]  # the boundary term written with the wrong sign
+        return grad
+
 BUGS = [
     ("missing_offdiag", DiagonalOnlyNormalize, lambda: (rand(3, 3, positive=True),), {}),
     ("scaled", SquareMissingTwo, lambda: (rand(3, 4),), {}),
@@ -590,6 +611,7 @@ BUGS = [
     ("blockwise", RowSoftmaxLastRowSkipped, lambda: (rand(3, 6),), {}),
     ("missing_offdiag", RMSNormConstantRstd, lambda: (rand(3, 5),), {}),
     ("partial", EmbeddingOverwrite, lambda: (torch.tensor([4, 1, 4, 0, 2, 1]), rand(5, 3)), {}),
+    ("sign", DiffLastColumnSign, lambda: (rand(3, 5),), {}),
 ]
 
 
@@ -943,7 +965,7 @@ def test_too_few_entries_to_establish_a_branch_stay_a_zero_on_the_diagonal() -> 
     jac = next(c for c in report.cases[0].checks if c.name == "jacobian")
     (diagnosis,) = jac.diagnoses
     assert diagnosis.kind == "zero_grad" and "diagonal entries" in diagnosis.message, diagnosis
-    assert "all 3 have x[...] < 0, the only such entries" in diagnosis.message
+    assert "all 3 have x[...] < 0, the only such x entries" in diagnosis.message
 
 
 def test_backward_returning_a_list_or_writing_into_grad_output_and_forward_exiting() -> None:
@@ -1098,8 +1120,76 @@ def test_other_says_where_the_entries_sit_instead_of_pointing_at_the_table() -> 
     assert "they touch 15 of 15 out entries" in d.message and "backward/truth from" in d.message
 
 
+def test_sign_in_a_subset_says_where() -> None:
+    d = jacobian_diagnosis(gradverify.verify(DiffLastColumnSign, rand(3, 5)))
+    assert d.kind == "sign" and "3 entries have the wrong sign" in d.message
+    assert "all in x[..., 4 (the last)]" in d.message
+
+
+def block_of(analytic: torch.Tensor, truth: torch.Tensor, out_shape: tuple[int, ...],
+             in_shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """A BlockComparison judged like checks.jacobian does (1e-8 x row scale + 1e-8 x |truth|)."""
+    from gradverify.numerics.blocks import BlockComparison
+    from gradverify.numerics.judge import Verdict
+
+    row_scale = truth.abs().amax(dim=tuple(range(len(out_shape), truth.dim())), keepdim=True)
+    allowed = 1e-8 * row_scale + 1e-8 * truth.abs()
+    bad = ~((analytic - truth).abs() <= allowed)
+    verdict = torch.where(bad, int(Verdict.MISMATCH), int(Verdict.AGREE)).to(torch.int8)
+    return BlockComparison(out_pos=0, in_pos=0, out_name="out", in_name="x", analytic=analytic, truth=truth,
+                           allowed=allowed, verdict=verdict, out_shape=out_shape, in_shape=in_shape)
+
+
+def test_nan_in_the_backward_is_named_before_any_pattern() -> None:
+    from gradverify.diagnose import diagnose_block
+
+    truth = torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64))
+    analytic = truth.clone()
+    analytic[1, 1] = float("nan")
+    d = diagnose_block(block_of(analytic, truth, (4,), (4,)))
+    assert d is not None and d.kind == "nonfinite" and "1 entries are NaN/Inf" in d.message
+
+
+class RMSNormChannelsFirst(Fn):
+    """RMSNorm over the last dim of x (N, C), written out channels-first: out is (C, N)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rstd = (x.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+        ctx.save_for_backward(x, rstd)
+        return (x * rstd).t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd = ctx.saved_tensors
+        g = g.t()
+        xhat = x * rstd
+        return rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+
+
+class RMSNormChannelsFirstConstantRstd(RMSNormChannelsFirst):
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd = ctx.saved_tensors
+        return g.t() * rstd  # rstd treated as a constant
+
+
+def test_missing_cross_terms_when_output_and_input_shapes_differ() -> None:
+    assert gradverify.verify(RMSNormChannelsFirst, rand(3, 5)).ok
+    d = jacobian_diagnosis(gradverify.verify(RMSNormChannelsFirstConstantRstd, rand(3, 5)))
+    assert d.kind == "missing_offdiag" and "the 15 entries it keeps are off too" in d.message
+
+
+def test_a_block_without_mismatches_gets_no_name() -> None:
+    from gradverify.diagnose import diagnose_block
+
+    truth = torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64))
+    assert diagnose_block(block_of(truth.clone(), truth, (4,), (4,))) is None
+
+
 CORRECT_TWINS = [
     ("elu", ELU, lambda: (rand(3, 4),), {}),
+    ("diff", Diff, lambda: (rand(3, 5),), {}),
     ("nll_ignore_index", NLLIgnoreIndex, lambda: (rand(16, 5), labels_with_ignored()), {}),
     ("matmul", MatmulWeightGrad, lambda: (rand(3, 4), rand(4, 5, seed=1)), {}),
     ("layer_norm_float64", LayerNormFloat64, lambda: (rand(3, 6),), {}),

@@ -97,27 +97,28 @@ def _offdiag_equal_shapes(v: BlockView) -> Diagnosis | None:
 
 
 def _cross_terms(v: BlockView) -> Diagnosis | None:
-    """Different shapes: zeros at some couplings, every non-zero entry right, and every row and
-    column with a missing entry keeps another coupling (not a whole gradient dropped)."""
-    zero_a = ~v.nz_a
-    if not bool(zero_a[v.bad].all()) or not bool(v.nz_a.any()) or bool((v.bad & v.nz_a).any()):
+    """Different shapes: the backward is non-zero only where the truth is, and 0 at some of the
+    truth's couplings, with every output and input entry it touches keeping another coupling (not
+    a whole gradient dropped). The kept entries may be off too (the dropped terms fed them)."""
+    missing = v.nz_t & ~v.nz_a
+    if not bool(missing.any()) or not bool(v.nz_a.any()) or bool((v.nz_a & ~v.nz_t).any()):
         return None
-    bad = v.matrix(v.bad)
-    kept = v.matrix(v.nz_a & ~v.bad)
-    rows_hit = bad.any(1)
-    cols_hit = bad.any(0)
-    if not bool(kept.any(1)[rows_hit].all()) or not bool(kept.any(0)[cols_hit].all()):
+    if int(missing.sum()) * 2 < v.n_bad:
+        return None  # the missing couplings are not most of what is wrong
+    miss = v.matrix(missing)
+    kept = v.matrix(v.nz_a)
+    if not bool(kept.any(1)[miss.any(1)].all()) or not bool(kept.any(0)[miss.any(0)].all()):
         return None
-    n_bad = v.n_bad
-    n_kept = int(kept.sum())
-    return Diagnosis("missing_offdiag",
-                     f"missing cross terms: {v.deriv} is 0 in the backward at {n_bad} entries where the truth couples "
-                     "the output to them, and right everywhere else",
-                     output=v.out_name, input=v.in_name,
-                     evidence=f"{n_bad}/{n_bad} wrong entries are 0 in the backward; {n_kept}/{n_kept} non-zero "
-                              "backward entries match the truth; every output and input entry they touch keeps "
-                              "another coupling",
-                     hint="a term of the chain rule is missing (a reduction or broadcast in forward?)")
+    n_missing = int(missing.sum())
+    wrong_kept = int((v.bad & v.nz_a).sum())
+    message = (f"missing cross terms: {v.deriv} is 0 in the backward at {n_missing} entries where the truth couples "
+               "the output to them")
+    message += (f"; the {wrong_kept} entries it keeps are off too" if wrong_kept else "; right everywhere else")
+    return Diagnosis("missing_offdiag", message, output=v.out_name, input=v.in_name,
+                     evidence=f"{n_missing} wrong entries are 0 in the backward; the backward is non-zero only where "
+                              "the truth is; every output and input entry they touch keeps another coupling",
+                     hint="a term of the chain rule is missing (a reduction or broadcast in forward, a statistic "
+                          "treated as a constant?)")
 
 
 def zero_on_diagonal(v: BlockView, observation: str = "") -> Diagnosis | None:

@@ -21,6 +21,10 @@ from gradverify.report import Diagnosis, format_index
 # 4-of-12 confinement (1/495: every entry with label == 0 wrong, every other right) and rejects
 # 2 of 12 (1/66) or 3 wrong among 5 that qualify out of 12 (1/22): coincidences at that size.
 BRANCH_CHANCE = 5e-3
+# A wrong branch is wrong nearly everywhere it is taken: at least this share of the entries
+# where the condition holds must be wrong (a formula may agree by chance at an entry or two; a
+# positional bug that merely overlaps a condition leaves many right entries inside it).
+BRANCH_FILL = 0.75
 # Scalar arguments used as thresholds ("x > margin") besides 0, at most this many.
 MAX_THRESHOLDS = 4
 
@@ -74,7 +78,7 @@ def _thresholds(v: BlockView) -> list[tuple[float, str]]:
 
 def _conditions(v: BlockView, bad_units: dict[str, torch.Tensor]) -> Iterator[Condition]:
     tensors: list[tuple[str, Any]] = list((v.block.inputs or {}).items()) + list((v.block.outputs or {}).items())
-    sides = {"out": v.out_shape, "in": v.in_shape}
+    sides = {"in": v.in_shape, "out": v.out_shape}  # ties go to the input side: "x < 0" reads as x's entries
     thresholds = _thresholds(v)
     for name, value in tensors:
         for side, shape in sides.items():
@@ -105,7 +109,7 @@ def _units(v: BlockView, mask: torch.Tensor, side: str) -> torch.Tensor:
     return m.any(1) if side == "out" else m.any(0)
 
 
-def _best_condition(v: BlockView) -> tuple[Condition, float, int, int] | None:
+def _best_condition(v: BlockView, min_units: int = 2) -> tuple[Condition, float, int, int] | None:
     """The condition that confines every wrong unit with the least chance of a coincidence:
     (condition, chance, wrong units, units where it holds)."""
     bad_units = {side: _units(v, v.bad, side) for side in ("out", "in")}
@@ -116,22 +120,34 @@ def _best_condition(v: BlockView) -> tuple[Condition, float, int, int] | None:
         if bool((bad & ~cond.holds).any()) or not bool((rel & ~cond.holds).any()):
             continue
         k, n, inside = int(bad.sum()), int(rel.sum()), int((rel & cond.holds).sum())
-        if k < 2:
+        if k < min_units or k < BRANCH_FILL * inside:
             continue
-        chance = math.comb(inside, k) / math.comb(n, k)
+        chance = _hypergeometric(inside, n, k)
         if best is None or chance < best[1]:
             best = (cond, chance, k, inside)
     return best
 
 
+def _hypergeometric(inside: int, n: int, k: int) -> float:
+    """C(inside, k) / C(n, k): the chance that k of n units drawn at random all fall among the
+    `inside` ones (in logs: the binomials of a large block do not fit a float)."""
+    def log_comb(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    return math.exp(log_comb(inside, k) - log_comb(n, k))
+
+
 def condition_observation(v: BlockView) -> str:
     """'all 3 have x[...] < 0, the only such entries' when a condition fits the wrong entries
     exactly but too few of them to name a branch (an observation, not a claim)."""
-    found = _best_condition(v)
+    found = _best_condition(v, min_units=1)
     if found is None or found[2] != found[3]:
         return ""
     cond, _, k, _ = found
-    return f"all {k} have {cond.at}, the only such entries"
+    name = v.out_name if cond.side == "out" else v.in_name
+    if k == 1:
+        return f"that {name} entry has {cond.at}, the only one that has"
+    return f"all {k} have {cond.at}, the only such {name} entries"
 
 
 def wrong_branch(v: BlockView) -> Diagnosis | None:
@@ -139,6 +155,8 @@ def wrong_branch(v: BlockView) -> Diagnosis | None:
     if found is None or found[1] > BRANCH_CHANCE:
         return None
     cond, chance, k, inside = found
+    if k < inside and _exact_slice(v):
+        return None  # a slice wrong at every entry explains it exactly; the condition leaves some right
     units = f"{v.out_name} entries" if cond.side == "out" else f"{v.in_name} entries"
     code, relation = v.relation(v.bad)
     cover = "every one of them" if k == inside else f"{k} of the {inside} such {units}"
@@ -190,50 +208,104 @@ BOX_FILL = 0.9
 BOX_MAX_SHARE = 0.75
 
 
-def blockwise(v: BlockView) -> Diagnosis | None:
-    """The wrong entries fill a box of the block (a slice or tile along some dims of the output
-    and/or the input) and every relevant entry outside it matches."""
+@dataclass
+class Box:
+    """The box of the block the wrong entries span: per block dim an inclusive (lo, hi)."""
+
+    ranges: list[tuple[int, int]]
+    in_box: int     # relevant entries inside it
+    fill: float     # share of those that are wrong
+
+
+def _slab(shape: tuple[int, ...], ranges: list[tuple[int, int]], dims: range) -> torch.Tensor:
+    mask = torch.ones(shape, dtype=torch.bool)
+    for d in dims:
+        line = torch.zeros(shape[d], dtype=torch.bool)
+        line[ranges[d][0]: ranges[d][1] + 1] = True
+        mask &= line.reshape([shape[d] if k == d else 1 for k in range(len(shape))])
+    return mask
+
+
+def _box(v: BlockView) -> Box | None:
+    """The box of wrong entries when it is a slice or tile along some dims: smaller than the
+    block and than the relevant entries, a contiguous range along each dim it pins, not all dims
+    of a side pinned (that is a few entries of a tensor), and every output (input) entry of a
+    pinned slab that matters has wrong entries; every relevant entry outside it matches."""
     if v.n_bad < 4:
         return None
     idx = torch.nonzero(v.bad)
-    lo, hi = idx.min(0).values.tolist(), idx.max(0).values.tolist()
+    ranges = list(zip(idx.min(0).values.tolist(), idx.max(0).values.tolist()))
     shape = (*v.out_shape, *v.in_shape)
-    if all(lo[d] == 0 and hi[d] == shape[d] - 1 for d in range(len(shape))):
-        return None
-    box = torch.ones(v.bad.shape, dtype=torch.bool)
-    for d in range(len(shape)):
-        line = torch.zeros(shape[d], dtype=torch.bool)
-        line[lo[d]: hi[d] + 1] = True
-        box &= line.reshape([shape[d] if k == d else 1 for k in range(len(shape))])
-    in_box = int((v.relevant & box).sum())
-    if in_box == 0 or v.n_bad < BOX_FILL * in_box or in_box > BOX_MAX_SHARE * v.n_relevant:
-        return None
-    if not bool((v.relevant & ~box).any()):
+    pinned = [ranges[d] != (0, shape[d] - 1) for d in range(len(shape))]
+    if not any(pinned):
         return None
     no = len(v.out_shape)
-    for dims in (range(no), range(no, len(shape))):
-        pinned_dims = [d for d in dims if (lo[d], hi[d]) != (0, shape[d] - 1)]
-        if pinned_dims and len(pinned_dims) == len(dims):
+    sides = (("out", range(no)), ("in", range(no, len(shape))))
+    for _, dims in sides:
+        if len(dims) and all(pinned[d] for d in dims):
             return None  # a few entries of a tensor, not a slice along a dim: partial's business
     for d in range(len(shape)):
-        if (lo[d], hi[d]) != (0, shape[d] - 1) and len(set(idx[:, d].tolist())) != hi[d] - lo[d] + 1:
+        if pinned[d] and len(set(idx[:, d].tolist())) != ranges[d][1] - ranges[d][0] + 1:
             return None  # a gap inside the range: scattered entries that merely span a box
-    ranges = list(zip(lo, hi))
-    out_full = all(lo[d] == 0 and hi[d] == shape[d] - 1 for d in range(no))
-    in_full = all(lo[d] == 0 and hi[d] == shape[d] - 1 for d in range(no, len(shape)))
-    out_box = v.out_name if out_full else box_text(v.out_name, ranges[:no], v.out_shape)
-    in_box_text = v.in_name if in_full else box_text(v.in_name, ranges[no:], v.in_shape)
-    region = f"∂{out_box}/∂{in_box_text}"
+    box = _slab(tuple(v.bad.shape), ranges, range(len(shape)))
+    in_box = int((v.relevant & box).sum())
+    if in_box == 0 or in_box > BOX_MAX_SHARE * v.n_relevant or not bool((v.relevant & ~box).any()):
+        return None
+    # In a sparse block (a lookup: one entry per row) scattered wrong entries can fill a box by
+    # themselves; a right row or column inside a pinned slab shows it is not a block computed wrong.
+    bad_units = {side: _units(v, v.bad, side) for side, _ in sides}
+    for side, dims in sides:
+        if any(pinned[d] for d in dims):
+            slab = _slab(tuple(v.bad.shape), ranges, dims)
+            if bool((_units(v, v.relevant & slab, side) & ~bad_units[side]).any()):
+                return None
+    return Box(ranges=ranges, in_box=in_box, fill=v.n_bad / in_box)
+
+
+def _exact_slice(v: BlockView) -> bool:
+    """The wrong entries are exactly a slice: a box wrong at every entry that matters, or whole
+    input (output) entries, wrong wherever they matter, in one contiguous range per dim."""
+    box = _box(v)
+    if box is not None and box.fill == 1.0:
+        return True
+    from gradverify.numerics.blocks import unravel
+
+    for side, shape in (("in", v.in_shape), ("out", v.out_shape)):
+        bad = _units(v, v.bad, side)
+        whole = v.matrix(v.relevant & ~v.bad)
+        if bool((whole.any(1) if side == "out" else whole.any(0))[bad].any()):
+            continue  # a wrong entry's row/column also has right entries
+        idx = torch.tensor([unravel(f, shape) for f in torch.nonzero(bad).reshape(-1).tolist()])
+        if not idx.numel():
+            continue
+        spans = [int(idx[:, d].max() - idx[:, d].min()) + 1 for d in range(len(shape))]
+        if all(len(set(idx[:, d].tolist())) == spans[d] for d in range(len(shape))):
+            return True
+    return False
+
+
+def blockwise(v: BlockView) -> Diagnosis | None:
+    """The wrong entries fill a box of the block (a slice or tile along some dims of the output
+    and/or the input) and every relevant entry outside it matches."""
+    box = _box(v)
+    if box is None or box.fill < BOX_FILL:
+        return None
+    no = len(v.out_shape)
+    shape = (*v.out_shape, *v.in_shape)
+    pinned_dims = [d for d in range(len(shape)) if box.ranges[d] != (0, shape[d] - 1)]
+    out_box = (box_text(v.out_name, box.ranges[:no], v.out_shape) if any(d < no for d in pinned_dims)
+               else v.out_name)
+    in_box = (box_text(v.in_name, box.ranges[no:], v.in_shape) if any(d >= no for d in pinned_dims)
+              else v.in_name)
     relation = v.ratio_text(v.bad)
-    message = (f"{v.deriv}: errors confined to the block {region} ({v.n_bad} of its {in_box} non-zero entries wrong); "
-               "every entry outside it matches")
+    message = (f"{v.deriv}: errors confined to the block ∂{out_box}/∂{in_box} ({v.n_bad} of its {box.in_box} "
+               "non-zero entries wrong); every entry outside it matches")
     if relation:
         message += f"; {relation}"
-    pinned = [f"{v.out_name}'s dim {d}" for d in range(no) if (lo[d], hi[d]) != (0, shape[d] - 1)]
-    pinned += [f"{v.in_name}'s dim {d - no}" for d in range(no, len(shape)) if (lo[d], hi[d]) != (0, shape[d] - 1)]
+    along = [f"{v.out_name}'s dim {d}" if d < no else f"{v.in_name}'s dim {d - no}" for d in pinned_dims]
     return Diagnosis("blockwise", message, output=v.out_name, input=v.in_name,
-                     evidence=f"the wrong entries span a box along {', '.join(pinned)}; "
-                              f"{v.n_relevant - in_box} non-zero entries outside it all match",
+                     evidence=f"the wrong entries span a box along {', '.join(along)}; "
+                              f"{v.n_relevant - box.in_box} non-zero entries outside it all match",
                      hint="a tile, slice or boundary handled by its own code path: a loop bound that stops early, an "
                           "offset, or a special case for the last block/row/channel")
 
