@@ -563,6 +563,28 @@ def unit_rows(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 
+class AffineLayerNormTailSkipped(Fn):
+    """Affine LayerNorm over the last dim whose backward stores dx / dw / db for all but the last 2
+    columns (a tiled kernel whose store loop skips the remainder tile)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        rstd = (x.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+        xhat = (x - x.mean(-1, keepdim=True)) * rstd
+        ctx.save_for_backward(xhat, rstd, w)
+        return xhat * w + b
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, w = ctx.saved_tensors
+        gw = g * w
+        dx = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dw, db = (g * xhat).sum(0), g.sum(0)
+        for grad in (dx, dw, db):
+            grad[..., -2:] = 0
+        return dx, dw, db
+
+
 class Diff(Fn):
     """y = x[..., 1:] - x[..., :-1] (torch.diff along the last dim)."""
 
@@ -1020,6 +1042,25 @@ def test_wrong_branch_names_the_condition_on_the_input() -> None:
     assert d.kind == "wrong_branch"
     assert "all wrong entries have x[...] < 0" in d.message and "every entry with x >= 0 matches" in d.message
     assert "0.6667 x the truth there" in d.message  # 1/alpha: the dropped factor
+
+
+def test_wrong_branch_survives_entries_where_the_wrong_formula_happens_to_agree() -> None:
+    # At (10, 30) two of the 161 negative entries are right within tolerance (alpha e^x is tiny
+    # there): the branch still explains the 159 wrong ones, and no slice of x does.
+    d = jacobian_diagnosis(gradverify.verify(ELUNegativeBranchDropsAlpha, rand(10, 30), gradcheck="off"))
+    assert d.kind == "wrong_branch" and "159 of the 161 such x entries" in d.message
+
+
+def test_a_slice_wrong_at_every_entry_is_blockwise_even_where_a_condition_overlaps_it() -> None:
+    # LayerNorm whose backward never writes the last 2 columns. With these values out < 0 holds on
+    # the 6 entries of those columns and on 2 more (6 of 8: a candidate branch); the slice is wrong
+    # at every one of its entries and explains them exactly.
+    x = torch.tensor([[1.46, 0.89, 1.04, 0.97, 0.90, 1.78], [1.37, 1.58, 1.77, 1.18, 1.04, 0.99],
+                      [1.70, 0.83, 0.67, 0.99, 1.03, 1.06]], dtype=torch.float64)
+    w = torch.tensor([0.06, -1.19, -0.57, -0.83, 0.90, 0.21], dtype=torch.float64)
+    b = torch.tensor([0.45, -0.61, 0.24, 0.47, -1.95, -0.56], dtype=torch.float64)
+    report = gradverify.verify(AffineLayerNormTailSkipped, x, w, b)
+    assert kinds(report) == {"blockwise", "partial"}, gradverify.explain(report)
 
 
 def test_wrong_branch_names_the_condition_on_a_label_the_op_does_not_differentiate() -> None:

@@ -48,8 +48,8 @@ RULES: tuple[Rule, ...] = (
     wrong_branch,       # confined to where a condition on an input holds
     _zero_on_diagonal,  # zero_grad at some diagonal entries
     sign_subset,        # sign: -truth at the wrong entries
+    blockwise,          # a box of the block (a slice or tile), at least 4 entries
     partial_few,        # a few entries
-    blockwise,          # a box of the block
     smooth_proxy,       # surrogate: a nearby function's derivative
     nonconstant_factor,  # element-wise formula, varying factor
     partial_units,      # a minority of the input's (or output's) entries

@@ -264,7 +264,7 @@ def _box(v: BlockView) -> Box | None:
 
 def _exact_slice(v: BlockView) -> bool:
     """The wrong entries are exactly a slice: a box wrong at every entry that matters, or whole
-    input (output) entries, wrong wherever they matter, in one contiguous range per dim."""
+    input (output) entries, wrong wherever they matter, filling a box smaller than the tensor."""
     box = _box(v)
     if box is not None and box.fill == 1.0:
         return True
@@ -279,7 +279,7 @@ def _exact_slice(v: BlockView) -> bool:
         if not idx.numel():
             continue
         spans = [int(idx[:, d].max() - idx[:, d].min()) + 1 for d in range(len(shape))]
-        if all(len(set(idx[:, d].tolist())) == spans[d] for d in range(len(shape))):
+        if len(idx) == math.prod(spans) and spans != list(shape):  # a proper box, every entry of it wrong
             return True
     return False
 
