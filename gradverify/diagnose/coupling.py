@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from gradverify.diagnose.view import LETTERS, BlockView
+from gradverify.numerics.blocks import unravel
 from gradverify.report import Diagnosis
 
 
@@ -23,8 +24,6 @@ def _coupling_dims(v: BlockView, mask: torch.Tensor) -> list[int]:
 
 
 def _entries(v: BlockView, mask: torch.Tensor, limit: int = 20000) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    from gradverify.numerics.blocks import unravel
-
     flat = torch.nonzero(mask.reshape(-1)).reshape(-1)[:limit].tolist()
     return [(unravel(f // v.cols, v.out_shape), unravel(f % v.cols, v.in_shape)) for f in flat]
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from gradverify.diagnose.view import BlockView, fits
+from gradverify.diagnose.view import LETTERS, BlockView, fits
 from gradverify.numerics.blocks import BlockComparison
 from gradverify.report import Diagnosis
 
@@ -141,8 +141,6 @@ def _transposes(v: BlockView) -> Iterator[tuple[str, Transform, str]]:
 
 def _exchange_formula(v: BlockView, d: int, e: int) -> str:
     """backward ∂out[i,j]/∂b[k,j] = truth ∂out[k,j]/∂b[i,j] for out dim d exchanged with in dim e."""
-    from gradverify.diagnose.view import LETTERS
-
     no, ni = len(v.out_shape), len(v.in_shape)
     out_l = list(LETTERS[:no])
     in_l = list(LETTERS[no:no + ni])

@@ -5,12 +5,14 @@ branch), in a box of the block (blockwise), at a few entries or a few of the inp
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from gradverify.diagnose.view import BlockView, box_text, fits, listing
+from gradverify.numerics.blocks import unravel
 from gradverify.report import Diagnosis, format_index
 
 # --- wrong branch ------------------------------------------------------------------------------
@@ -25,7 +27,8 @@ BRANCH_CHANCE = 5e-3
 # where the condition holds must be wrong (a formula may agree by chance at an entry or two; a
 # positional bug that merely overlaps a condition leaves many right entries inside it).
 BRANCH_FILL = 0.75
-# Scalar arguments used as thresholds ("x > margin") besides 0, at most this many.
+# Float arguments used as thresholds ("x > margin") besides 0, at most this many (int arguments
+# are dims and indices far more often than thresholds).
 MAX_THRESHOLDS = 4
 
 
@@ -71,7 +74,7 @@ def _align(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
 def _thresholds(v: BlockView) -> list[tuple[float, str]]:
     found = [(0.0, "0")]
     for name, value in (v.block.inputs or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0 and math.isfinite(value):
+        if isinstance(value, float) and value != 0 and math.isfinite(value):
             found.append((float(value), f"{name} (= {value:g})"))
     return found[: 1 + MAX_THRESHOLDS]
 
@@ -138,7 +141,7 @@ def _hypergeometric(inside: int, n: int, k: int) -> float:
 
 
 def condition_observation(v: BlockView) -> str:
-    """'all 3 have x[...] < 0, the only such entries' when a condition fits the wrong entries
+    """'all 3 have x[...] < 0, the only such x entries' when a condition fits the wrong entries
     exactly but too few of them to name a branch (an observation, not a claim)."""
     found = _best_condition(v, min_units=1)
     if found is None or found[2] != found[3]:
@@ -159,7 +162,7 @@ def wrong_branch(v: BlockView) -> Diagnosis | None:
         return None  # a slice wrong at every entry explains it exactly; the condition leaves some right
     units = f"{v.out_name} entries" if cond.side == "out" else f"{v.in_name} entries"
     code, relation = v.relation(v.bad)
-    cover = "every one of them" if k == inside else f"{k} of the {inside} such {units}"
+    cover = f"all {inside} such {units} are wrong" if k == inside else f"{k} of the {inside} such {units} are wrong"
     message = (f"{v.deriv}: errors confined to the entries where {cond.text}: all wrong entries have {cond.at} "
                f"({cover}); every entry with {cond.otherwise} matches")
     if relation:
@@ -268,8 +271,6 @@ def _exact_slice(v: BlockView) -> bool:
     box = _box(v)
     if box is not None and box.fill == 1.0:
         return True
-    from gradverify.numerics.blocks import unravel
-
     for side, shape in (("in", v.in_shape), ("out", v.out_shape)):
         bad = _units(v, v.bad, side)
         whole = v.matrix(v.relevant & ~v.bad)
@@ -350,8 +351,6 @@ def partial_units(v: BlockView) -> Diagnosis | None:
         if k == 0 or k > PARTIAL_UNIT_SHARE * n or not bool((rel & ~bad).any()):
             continue
         shape, name = (v.in_shape, v.in_name) if side == "in" else (v.out_shape, v.out_name)
-        from gradverify.numerics.blocks import unravel
-
         positions = [format_index(name, unravel(f, shape)) for f in torch.nonzero(bad).reshape(-1).tolist()]
         relation = v.ratio_text(v.bad).removesuffix(" there")
         if side == "in":
@@ -385,10 +384,6 @@ def _repeated_index(v: BlockView, bad_cols: torch.Tensor) -> str:
     entries are the ones an integer argument addresses twice or more (an overwrite instead of an
     accumulation): for a lookup weight[index] (embedding), the rows it repeats; for an index of
     the input's rank (gather/scatter along dim d), the entries a line of it repeats."""
-    from collections import Counter
-
-    from gradverify.numerics.blocks import unravel
-
     wrong = {unravel(f, v.in_shape) for f in torch.nonzero(bad_cols).reshape(-1).tolist()}
     for name, value in (v.block.inputs or {}).items():
         if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() \
