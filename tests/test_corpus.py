@@ -98,20 +98,19 @@ NOT_CAUGHT_YET = {
     "custom_ops:pairwise_sqdist_bug_fake_shape": "registration check",
     "custom_ops:pairwise_sqdist_bug_fake_strides": "registration check",
 }
-# Twins caught but not (yet) named with their kind.
+# Twins caught but not (yet) named with their kind, and why.
 NOT_NAMED_YET = {
-    "losses:LSRCrossEntropyFunction_bug_wrong_branch", "losses:FocalSigmoidLossFunc_bug_wrong_branch",
-    "losses:MulticlassHinge_bug_partial", "losses:SigmoidContrastiveLoss_bug_precision",
-    "sparse:EmbeddingBagFunction_bug_partial", "sparse:SpecialSpmmFunction_bug_transposed",
-    "sparse:ScaledMaskedSoftmax_bug_wrong_branch", "matrix:InvSqrtm_bug_missing_offdiag",
-    "matrix:InvSqrtm_bug_dropped_eps", "matrix:CholeskyFactor_bug_partial",
-    "custom_ops:rms_norm_bug_missing_offdiag",
-    "triton_style:TritonLayerNorm_bug_partial",
-    "triton_style:TritonLayerNorm_bug_precision", "triton_style:FlashAttention_bug_missing_offdiag",
-    "wrappers:fused_lrelu_bug_wrong_branch", "wrappers:fused_lrelu_bug_shape_mismatch",
-    "engine:FusedBiasGeLUStrict_bug_surrogate", "linear:LinearFunction_bug_transposed", "structured:SortValues_bug_transposed",
-    "structured:MaxWithIndex_bug_transposed", "structured:SphericalDistance_bug_swapped_inputs",
-    "classics:LayerNormV2Func_bug_missing_offdiag", "classics:GELUFunction_bug_sign",
+    # The Jacobian alone cannot tell these from any other wrong dense formula (named `other`, with
+    # where the wrong entries sit and how backward/truth is spread):
+    "matrix:InvSqrtm_bug_missing_offdiag",  # eigen-basis terms dropped: dense block, same sparsity
+    "matrix:CholeskyFactor_bug_partial",  # a 2x in Phi's diagonal spreads through two solves
+    "triton_style:FlashAttention_bug_missing_offdiag",  # delta term dropped: dense rows, same sparsity
+    "classics:GELUFunction_bug_sign",  # one term's sign: named nonconstant_factor (element-wise, ratio varies)
+    # Named by a check other than the Jacobian's diagnosis:
+    "linear:LinearFunction_bug_transposed",  # the contract sees the (in, out) shape first: shape_mismatch
+    # The Jacobian says precision, but the contracts' linearity test reads float32 rounding as
+    # ignores_grad_output and the runner lets that cause replace it:
+    "triton_style:TritonLayerNorm_bug_precision",
 }
 # Correct ops whose backward gradverify finds imprecise in float32 (a true finding): 1 - sigmoid(x)
 # for x ~ 15 cancels in float32 (values ~3e-7 with errors ~6e-8); float64 is fine.

@@ -247,7 +247,11 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
             analytic=a_flat[(o, p)].reshape(shape), truth=t.reshape(shape),
             allowed=judge.allowed(t, scales[(o, p)], tolerance, slacks.get((o, p))).reshape(shape),
             verdict=verdicts[(o, p)].reshape(shape), out_shape=out_shape, in_shape=in_shape,
-            second=seconds[(o, p)].reshape(shape) if (o, p) in seconds else None))
+            second=seconds[(o, p)].reshape(shape) if (o, p) in seconds else None,
+            inputs=({name: value.detach() if isinstance(value, torch.Tensor) else value
+                     for name, value in zip(in_names, truth.args)} if len(in_names) == len(truth.args) else None),
+            outputs={out_names[k]: out.detach() for k, out in outputs.items()},
+            tangent=truth.fd.tangents.get(p), dtype=tolerance.dtype))
     return comparisons, fd_columns
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -22,6 +23,14 @@ class BlockComparison:
     truth: the reference where there is one, else finite differences; second: finite
     differences at the columns where they were computed (NaN elsewhere); allowed: the
     tolerance at each entry; verdict: numerics.judge.Verdict codes.
+
+    The optional context lets the diagnosis say *where* a bug sits (gradverify.diagnose):
+    inputs: every argument of the case by name, at the values the truth was computed at
+    (tensors detached, plain values such as eps as given), so that a condition on an input or
+    a label ("x < 0", "label == -1") can name a wrong branch; outputs: forward's outputs by
+    name; tangent: the projection of this block's input onto its constraint set's tangent
+    space (None when unconstrained), so that gradients of constrained inputs compare along
+    it; dtype: the dtype the backward ran in (how large its rounding may be).
     """
 
     out_pos: int
@@ -35,6 +44,10 @@ class BlockComparison:
     out_shape: tuple[int, ...]
     in_shape: tuple[int, ...]
     second: torch.Tensor | None = None
+    inputs: dict[str, Any] | None = None
+    outputs: dict[str, torch.Tensor] | None = None
+    tangent: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    dtype: str = "float64"
 
     @property
     def mismatch(self) -> torch.Tensor:
