@@ -95,8 +95,6 @@ NAMES: dict[str, set[str] | None] = {
 
 # Twins whose bug no check catches yet (the issue that adds the check removes the entry).
 NOT_CAUGHT_YET = {
-    "custom_ops:pairwise_sqdist_bug_fake_shape": "registration check",
-    "custom_ops:pairwise_sqdist_bug_fake_strides": "registration check",
     "triton_style:FusedSoftmax_bug_layout": "layout check",
     "classics:LayerNormV2Func_bug_layout": "layout check",
 }

@@ -338,7 +338,7 @@ ERRORS = {
     "bad check": ("""
         function: ops.py:MatMul
         checks: [jacobian, hessian]   #<
-    """, "checks[1]", "expected one of contracts, jacobian, needs_input_grad, gradcheck, forward_mode, second_order, device, found 'hessian'"),
+    """, "checks[1]", "expected one of contracts, jacobian, needs_input_grad, gradcheck, registration, opcheck, transforms, forward_mode, second_order, device, compile, found 'hessian'"),
     "bad reference": ("""
         function: ops.py:MatMul
         reference: ops.py:NOT_A_FUNCTION   #<

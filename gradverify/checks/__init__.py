@@ -8,22 +8,30 @@ for (--check NAME, a spec's `checks:`). Adding a check is one module and one lin
 from __future__ import annotations
 
 from gradverify.checks.base import CaseContext, Check
+from gradverify.checks.compile import CompileCheck
 from gradverify.checks.contracts import ContractsCheck
 from gradverify.checks.device import DeviceCheck
 from gradverify.checks.forward_mode import ForwardModeCheck
 from gradverify.checks.gradcheck import GradcheckCheck
 from gradverify.checks.jacobian import JacobianCheck
 from gradverify.checks.needs_input_grad import NeedsInputGradCheck
+from gradverify.checks.opcheck import OpcheckCheck
+from gradverify.checks.registration import RegistrationCheck
 from gradverify.checks.second_order import SecondOrderCheck
+from gradverify.checks.transforms import TransformsCheck
 
 CHECKS: tuple[Check, ...] = (
     ContractsCheck(),
     JacobianCheck(),
     NeedsInputGradCheck(),
     GradcheckCheck(),
+    RegistrationCheck(),
+    OpcheckCheck(),
+    TransformsCheck(),
     ForwardModeCheck(),
     SecondOrderCheck(),
     DeviceCheck(),
+    CompileCheck(),
 )
 
 # Checks that always run: the verdict rests on them.
