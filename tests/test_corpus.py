@@ -95,8 +95,6 @@ NAMES: dict[str, set[str] | None] = {
 
 # Twins whose bug no check catches yet (the issue that adds the check removes the entry).
 NOT_CAUGHT_YET = {
-    "custom_ops:pairwise_sqdist_bug_fake_shape": "registration check",
-    "custom_ops:pairwise_sqdist_bug_fake_strides": "registration check",
 }
 # Twins caught but not (yet) named with their kind, and why.
 NOT_NAMED_YET = {

@@ -423,9 +423,11 @@ def test_passing_and_not_applicable_checks_beyond_the_core_share_a_row_unless_ve
     assert "contracts" in table and "jacobian" in table and "gradcheck" in table  # core and failing: own rows
     assert "registration" in table and "WARN" in table  # a warning is never folded away
     assert "layout" not in table and "ctx_hygiene" not in table and "transforms" not in table
-    assert re.search(r"2 more\s+PASS\s+ok \(-v\)", table) and re.search(r"2 more\s+SKIP\s+n/a \(-v\)", table)
+    assert re.search(r"4 more\s+PASS\s+ok, 2 n/a \(-v\)", table)
     verbose = render_terminal(Report(cases=(case,)), width=80, verbosity=1).split("\n\n")[0]
     assert all(name in verbose for name in ("layout", "ctx_hygiene", "transforms", "forward_mode"))
     assert "more" not in verbose
     one = render_terminal(Report(cases=(replace(case, checks=failing_case().checks + extra[:1]),)), width=80)
     assert "layout" in one.split("\n\n")[0]  # folding a single check saves nothing
+    only_na = render_terminal(Report(cases=(replace(case, checks=failing_case().checks + extra[2:4]),)), width=80)
+    assert re.search(r"2 more\s+SKIP\s+2 n/a \(-v\)", only_na)

@@ -8,6 +8,7 @@ for (--check NAME, a spec's `checks:`). Adding a check is one module and one lin
 from __future__ import annotations
 
 from gradverify.checks.base import CaseContext, Check
+from gradverify.checks.compile import CompileCheck
 from gradverify.checks.contracts import ContractsCheck
 from gradverify.checks.ctx_hygiene import CtxHygieneCheck
 from gradverify.checks.device import DeviceCheck
@@ -18,7 +19,10 @@ from gradverify.checks.layout import LayoutCheck
 from gradverify.checks.multi_output import MultiOutputCheck
 from gradverify.checks.needs_input_grad import NeedsInputGradCheck
 from gradverify.checks.nondeterminism import NondeterminismCheck
+from gradverify.checks.opcheck import OpcheckCheck
+from gradverify.checks.registration import RegistrationCheck
 from gradverify.checks.second_order import SecondOrderCheck
+from gradverify.checks.transforms import TransformsCheck
 
 CHECKS: tuple[Check, ...] = (
     ContractsCheck(),
@@ -29,9 +33,13 @@ CHECKS: tuple[Check, ...] = (
     MultiOutputCheck(),
     NondeterminismCheck(),
     GradcheckCheck(),
+    RegistrationCheck(),
+    OpcheckCheck(),
+    TransformsCheck(),
     ForwardModeCheck(),
     SecondOrderCheck(),
     DeviceCheck(),
+    CompileCheck(),
 )
 
 # Checks that always run: the verdict rests on them.

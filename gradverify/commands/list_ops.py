@@ -60,8 +60,11 @@ def _checks_text(case: Any, settings: Settings) -> list[str]:
         elif check.name == "device":
             if case.device.split(":")[0] != "cpu":
                 names.append("agreement with cpu")
-        elif check.name in ("forward_mode", "needs_input_grad", "multi_output"):
-            continue  # only where they apply (a defined jvp; two or more differentiable inputs or outputs)
+        elif check.name in ("registration", "opcheck"):
+            if getattr(case.op.op, "kind", "") in ("custom_op", "torch.ops"):
+                names.append(check.name)  # custom ops and torch.ops overloads only
+        elif check.name in ("forward_mode", "needs_input_grad", "multi_output", "transforms"):
+            continue  # only where they apply (a defined jvp; two or more differentiable inputs or outputs; torch.func)
         else:
             names.append(check.name)
     names.sort(key=lambda name: name.startswith("gradcheck"))

@@ -173,14 +173,16 @@ def _case_rows(case: CaseResult, fold: bool = False) -> list[tuple[str, Text, st
         err = num(check.max_abs_err) if shows_max_err(check) else ""
         result = Text(check_result_text(check), style="" if check.counts else "dim")
         rows.append((check.name, Text(counted_label(check), style=style), err, result))
-    for status, names in folded.items():
-        if len(names) == 1:  # one row either way: show it as itself
-            check = next(c for c in case.checks if c.name == names[0])
-            rows.append((check.name, Text(check.status.label, style=STATUS_STYLE[status]), "",
-                         Text(check_result_text(check))))
-        elif names:
-            what = "ok (-v)" if status is Status.PASSED else "n/a (-v)"
-            rows.append((f"{len(names)} more", Text(status.label, style=STATUS_STYLE[status]), "", Text(what)))
+    passed, skipped = folded[Status.PASSED], folded[Status.SKIPPED]
+    if len(passed) + len(skipped) == 1:  # one row either way: show it as itself
+        check = next(c for c in case.checks if c.name in passed + skipped)
+        rows.append((check.name, Text(check.status.label, style=STATUS_STYLE[check.status]), "",
+                     Text(check_result_text(check))))
+    elif passed or skipped:
+        status = Status.PASSED if passed else Status.SKIPPED
+        parts = (["ok"] if passed else []) + ([f"{len(skipped)} n/a"] if skipped else [])
+        rows.append((f"{len(passed) + len(skipped)} more", Text(status.label, style=STATUS_STYLE[status]), "",
+                     Text(f"{', '.join(parts)} (-v)")))
     return rows
 
 
