@@ -138,12 +138,15 @@ def check(
                   "of pyproject.toml", EXIT_USAGE)
     from gradverify.errors import GradverifyError
 
-    progress = ProgressBar(enabled=sys.stdout.isatty() and sys.stderr.isatty())
     try:
-        from gradverify.api import check_paths
+        from gradverify.progress import LiveProgress
+        from gradverify.supervise import run_supervised
 
+        # The user's code runs in worker processes (timeouts, crashes and prints contained);
+        # what is being checked shows live on a terminal's stderr.
+        progress = LiveProgress()
         try:
-            report = check_paths(paths, settings, progress=progress)
+            report = run_supervised(paths, settings, on_event=progress)
         finally:
             progress.close()
     except GradverifyError as exc:
