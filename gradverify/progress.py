@@ -17,7 +17,7 @@ import threading
 import time
 from typing import IO, Any
 
-from gradverify.supervise import CaseFinished, CasesListed, CaseStarted, Event, LoadingSpecs, PhaseChanged
+from gradverify.run_events import CaseFinished, CasesListed, CaseStarted, Event, LoadingSpecs, PhaseChanged
 
 
 def on_ci(env: Any = None) -> bool:

@@ -29,25 +29,30 @@ import mmap
 import os
 import queue
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 from gradverify.config import Settings
-from gradverify.errors import GradverifyError, SpecError
-from gradverify.report import CaseResult, CheckResult, Diagnosis, Report, Status
+from gradverify.errors import SpecError
+from gradverify.launcher import Launcher, WorkerProcess
+from gradverify.run_events import (CaseFinished, CasesListed, CaseStarted, Event, EventHandler, LoadingSpecs,
+                                   PhaseChanged)
+from gradverify.report import CaseResult, Report
+from gradverify.worker import PARENT_PID_ENV
+from gradverify.worker_results import crash_result, internal_error, rebuild_error, signal_name, timeout_result
 from gradverify.workerio import (PHASE_BLOCK_SIZE, MarkerSplitter, OutputTail, marker_prefix, receive_message,
                                  send_message)
 
 DEFAULT_TIMEOUT = 120.0
 # The least time a worker gets to import torch and load the specs (see Supervisor.load_timeout).
 MIN_LOAD_TIMEOUT = 60.0
+# How long the zygote (launcher.py) may take to import torch before workers are spawned instead.
+ZYGOTE_START_S = 300.0
 # After a worker was killed or died: how long to wait for the rest of what it printed (the pipe
 # stays open while a child process it started holds it) before giving the verdict without it.
 OUTPUT_GRACE_S = 1.0
@@ -56,52 +61,6 @@ STOP_GRACE_S = 2.0
 # Workers that die outside any case (a thread of the spec calling os._exit, say) are replaced;
 # this many in a row means they will keep dying, and the run stops with an error.
 MAX_IDLE_DEATHS = 3
-
-
-@dataclass(frozen=True)
-class LoadingSpecs:
-    """The run began: a worker is importing torch and the specs at `paths`."""
-
-    paths: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CasesListed:
-    """The worker expanded the specs: what will be checked, in report order."""
-
-    titles: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CaseStarted:
-    """A worker began case `index`; `worker` is its process id."""
-
-    index: int
-    title: str
-    worker: int
-
-
-@dataclass(frozen=True)
-class PhaseChanged:
-    """Case `index` moved on to `phase` ("forward", then each check's name)."""
-
-    index: int
-    title: str
-    phase: str
-
-
-@dataclass(frozen=True)
-class CaseFinished:
-    """Case `index` has its verdict; `done` of `total` cases have one."""
-
-    index: int
-    result: CaseResult
-    done: int
-    total: int
-
-
-Event = Union[LoadingSpecs, CasesListed, CaseStarted, PhaseChanged, CaseFinished]
-EventHandler = Callable[[Event], None]
 
 
 def run_supervised(paths: Sequence[Path | str], settings: Settings, *,
@@ -118,46 +77,20 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _worker_command() -> list[str]:
-    """The interpreter running us, with its flags, importing the same gradverify we are."""
-    root = str(Path(__file__).resolve().parent.parent)
-    flags: list[str] = []
-    try:
-        flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
-    boot = f"import sys; sys.path.insert(0, {root!r}); from gradverify.worker import main; main()"
-    # -u: what the user's code prints is in the pipe at once, so a crash cannot swallow it.
-    return [sys.executable, *flags, "-u", "-c", boot]
-
-
 class _Worker:
     """One worker process as the supervisor sees it."""
 
-    def __init__(self, number: int, init: dict[str, Any], inbox: queue.Queue, prefix: bytes) -> None:
-        from gradverify.worker import PARENT_PID_ENV
-
+    def __init__(self, number: int, process: WorkerProcess, init: dict[str, Any], inbox: queue.Queue,
+                 prefix: bytes) -> None:
         self.number = number
+        self.process = process
         fd, self.phase_file = tempfile.mkstemp(prefix="gradverify-phase-")
         try:
             os.write(fd, bytes(PHASE_BLOCK_SIZE))
             self.board = mmap.mmap(fd, PHASE_BLOCK_SIZE)
         finally:
             os.close(fd)
-        posix = os.name == "posix"
-        self.proc = subprocess.Popen(
-            _worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
-            # Its own process group: a timeout kills whatever the user's code started too.
-            start_new_session=posix)
-        self.pid = self.proc.pid
+        self.pid = process.pid
         self.state = "loading"  # loading | idle | busy | stopping | gone
         self.since = time.monotonic()
         self.case: int | None = None
@@ -171,13 +104,13 @@ class _Worker:
         self.stderr_text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.prefix = prefix
         self.command({**init, "phase_file": self.phase_file})
-        for target, stream in ((self._read_events, self.proc.stdout), (self._read_output, self.proc.stderr)):
+        for target, stream in ((self._read_events, process.events), (self._read_output, process.output)):
             threading.Thread(target=target, args=(stream, inbox), daemon=True,
                              name=f"gradverify-worker-{number}").start()
 
     def command(self, message: Any) -> None:
         try:
-            send_message(self.proc.stdin, message)  # type: ignore[arg-type]
+            send_message(self.process.commands, message)
         except (OSError, ValueError):
             pass  # it died: its events pipe closes and the supervisor hears of it there
 
@@ -213,21 +146,10 @@ class _Worker:
                 inbox.put((self, *item))
 
     def kill(self) -> None:
-        if self.proc.returncode is not None:
-            return
-        try:
-            if os.name == "posix":
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            else:
-                self.proc.kill()
-        except OSError:
-            pass
+        self.process.kill()
 
     def exit_status(self, wait_s: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            return None
+        return self.process.exit_status(wait_s)
 
     def close(self, grace_s: float = 0.0) -> None:
         """Give it `grace_s` to exit, kill it (and what it started) if it is still there, reap it,
@@ -236,12 +158,7 @@ class _Worker:
             self.exit_status(grace_s)
         self.kill()
         self.exit_status(STOP_GRACE_S)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        self.process.close_pipes()
         self.discard_phase_file()
         try:
             self.board.close()
@@ -256,42 +173,6 @@ class _Worker:
             pass
 
 
-def _rebuild_error(mro: list[tuple[str, str]], message: str, file: str | None, line: int | None,
-                   col: int | None, exit_code: int) -> GradverifyError:
-    """The worker's GradverifyError as the same class here (the first of its bases we know)."""
-    from gradverify import errors
-
-    cls: type[GradverifyError] = GradverifyError
-    for module, name in mro:
-        found = getattr(errors, name, None) if module == errors.__name__ else None
-        if isinstance(found, type) and issubclass(found, GradverifyError):
-            cls = found
-            break
-    try:
-        error = cls(message, file=file, line=line, col=col)
-    except TypeError:
-        error = GradverifyError(message, file=file, line=line, col=col)
-    if error.exit_code != exit_code:
-        error.exit_code = exit_code
-    return error
-
-
-def _internal_error(type_name: str, message: str, trace: str) -> Exception:
-    """Our own bug in a worker, raised here as an exception of the same builtin type if there is one."""
-    import builtins
-
-    cls = getattr(builtins, type_name, None)
-    error: Exception
-    try:
-        error = cls(message) if isinstance(cls, type) and issubclass(cls, Exception) else None  # type: ignore[assignment]
-    except Exception:  # noqa: BLE001 - a builtin that takes other arguments
-        error = None  # type: ignore[assignment]
-    if error is None:
-        error = RuntimeError(f"{type_name}: {message}")
-    error.add_note(f"raised in a gradverify worker process:\n{trace}")
-    return error
-
-
 class Supervisor:
     """Schedules cases onto workers, enforces the time limit, turns deaths into verdicts."""
 
@@ -304,6 +185,7 @@ class Supervisor:
         # Starting a worker imports torch and the specs: seconds on a busy machine, whatever the
         # per-case limit. An import that never returns is still stopped.
         self.load_timeout = max(self.timeout, MIN_LOAD_TIMEOUT) if self.timeout is not None else None
+        self.launcher = Launcher({**os.environ, PARENT_PID_ENV: str(os.getpid())}, start_timeout=ZYGOTE_START_S)
         self.jobs = max(1, int(getattr(settings, "jobs", 1) or 1))
         self.nonce = secrets.token_hex(8)
         self.prefix = marker_prefix(self.nonce)
@@ -379,7 +261,7 @@ class Supervisor:
         self.spawned += 1
         init = {"nonce": self.nonce, "paths": self.paths, "settings": self.settings, "sys_path": list(sys.path),
                 "threads": self.threads}
-        worker = _Worker(self.spawned, init, self.inbox, self.prefix)
+        worker = _Worker(self.spawned, self.launcher.start(), init, self.inbox, self.prefix)
         self.workers.append(worker)
         return worker
 
@@ -402,7 +284,8 @@ class Supervisor:
                     worker.state = "stopping"
                     worker.command(("stop",))
         # Keep `width` workers while there is work; after a death, one spare that has already
-        # loaded the specs, so the next crash does not wait for a fresh interpreter.
+        # loaded the specs, so the next crash does not wait for the specs' import (or, where
+        # workers cannot be forked, a fresh interpreter importing torch).
         wanted = min(self.width + (1 if self.deaths else 0), busy + len(self.pending))
         for _ in range(wanted - len(self._live())):
             self._spawn()
@@ -418,6 +301,7 @@ class Supervisor:
                 worker.exit_status(max(0.0, deadline - time.monotonic()))
         for worker in remaining:
             worker.close()
+        self.launcher.close()
 
     # -- what workers say ---------------------------------------------------------------------
 
@@ -461,6 +345,7 @@ class Supervisor:
         kind = message[0]
         if kind == "hello":
             worker.discard_phase_file()  # both sides have it mapped: the file is no longer needed
+            worker.since = time.monotonic()  # the load starts now (a forked worker has torch already)
         elif kind == "cases":
             self._on_cases(worker, message[1])
         elif kind == "started":
@@ -474,10 +359,10 @@ class Supervisor:
             self._release(worker)
         elif kind == "error":
             self._drain(worker)
-            raise _rebuild_error(*message[1:])
+            raise rebuild_error(*message[1:])
         elif kind == "internal":
             self._drain(worker)
-            raise _internal_error(*message[1:])
+            raise internal_error(*message[1:])
 
     def _on_cases(self, worker: _Worker, outlines: tuple[CaseResult, ...]) -> None:
         keys = tuple((o.op, o.file, o.shapes, o.dtype, o.device, o.seed, o.repro) for o in outlines)
@@ -548,10 +433,11 @@ class Supervisor:
                 worker.kill()
                 self._drain(worker)
                 raise SpecError(f"loading the specs did not finish within {self.load_timeout:g} s (an import "
-                                "that never returns?)")
+                                "that never returns? if it is only slow, raise --timeout)")
 
     def _on_death(self, worker: _Worker) -> None:
         """Its events pipe closed without a stop: the process is dying or dead."""
+        self._release(worker, force=True)  # a result it sent before dying is still its verdict
         if worker.state == "loading":
             self._drain(worker)
             how = self._how_it_ended(worker)
@@ -568,7 +454,7 @@ class Supervisor:
             worker.kill()
             return "stopped reporting"
         if code < 0:
-            return f"died with {_signal_name(-code)}"
+            return f"died with {signal_name(-code)}"
         return f"exited with code {code} without reporting"
 
     def _retire(self, worker: _Worker) -> None:
@@ -596,41 +482,3 @@ class Supervisor:
             result = crash_result(outline, worker.phase, user_phase, how)
         self._record(index, replace(result, output=worker.tail.text(), duration_s=duration))
 
-
-def _check_name(phase: str) -> str:
-    return phase or "case"
-
-
-def timeout_result(outline: CaseResult, phase: str, user_phase: str, limit: float) -> CaseResult:
-    """The verdict of a case stopped at the time limit; `phase` the check, `user_phase` the user's code."""
-    if user_phase:
-        message = f"{user_phase} did not return within {limit:g} s"
-        if phase and phase not in ("forward", user_phase):
-            message += f" (in the {phase} check)"
-        hint = "an endless loop, a deadlock or a wait on something that never comes; if it is only slow, " \
-               "raise --timeout"
-    else:
-        what = "forward" if phase == "forward" else f"the {phase} check" if phase else "the case"
-        message = (f"{what} did not finish within {limit:g} s in gradverify's own computation, not in your code "
-                   "(a large case?)")
-        hint = "raise --timeout, or try --mode fast or a smaller --shape"
-    check = CheckResult(name=_check_name(phase), status=Status.ERROR, message=message, summary="timeout",
-                        diagnoses=(Diagnosis("timeout", message, hint=hint),))
-    return replace(outline, status=Status.ERROR, checks=(check,), message=message)
-
-
-def crash_result(outline: CaseResult, phase: str, user_phase: str, how: str) -> CaseResult:
-    """The verdict of a case whose process died under it."""
-    if user_phase:
-        message = f"the process running {user_phase} {how}"
-        if phase and phase not in ("forward", user_phase):
-            message += f" (in the {phase} check)"
-        hint = "os._exit(), a signal, or a crash in compiled code (a C/C++/CUDA extension) ended the process"
-    else:
-        where = f" during the {phase} check" if phase else ""
-        message = f"the worker process {how}{where}, outside your code"
-        hint = "a crash in torch or gradverify, or a thread or signal handler of the spec; please report it " \
-               "with the reproduce line"
-    check = CheckResult(name=_check_name(phase), status=Status.ERROR, message=message, summary="crashed",
-                        diagnoses=(Diagnosis("crashed", message, hint=hint),))
-    return replace(outline, status=Status.ERROR, checks=(check,), message=message)

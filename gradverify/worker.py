@@ -24,14 +24,10 @@ from gradverify.workerio import PHASE_BLOCK_SIZE, marker, marker_prefix, receive
 PARENT_PID_ENV = "GRADVERIFY_SUPERVISOR_PID"
 
 
-def main() -> None:
+def main(parent_pid: int | None = None) -> None:
     """Entry point: take over the standard descriptors before anything can print, then serve."""
     commands, events, output = _take_over_stdio()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
-    _die_with_parent(int(os.environ.get(PARENT_PID_ENV, "0") or 0))
-    # torch without numpy warns at import; the parent has its own filter, and N workers must not
-    # print it N times.
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    _quiet_start(parent_pid)
     try:
         init = receive_message(commands)
         if init is not None:
@@ -41,6 +37,100 @@ def main() -> None:
         # Not a normal interpreter exit: a thread or an atexit hook left by the user's code must not
         # keep a finished worker alive.
         os._exit(0)
+
+
+def _quiet_start(parent_pid: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle: it stops us
+    _die_with_parent(int(os.environ.get(PARENT_PID_ENV, "0") or 0) if parent_pid is None else parent_pid)
+    # torch without numpy warns at import; the supervisor has its own filter, and N workers must
+    # not print it N times.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+
+def serve_forks() -> None:
+    """The zygote (see launcher.py): import torch and the engine once, then fork workers on request.
+
+    It never imports the user's code, and forks only while it is safe to: a single thread and
+    CUDA not initialised (a forked CUDA context or a copied thread pool would break the child).
+    """
+    import socket
+    import struct
+
+    channel = socket.socket(fileno=os.dup(0))
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    _quiet_start(None)
+    import torch
+
+    for module in ("gradverify.api", "gradverify.runner", "gradverify.checks", "gradverify.spec.python",
+                   "gradverify.spec.yaml_spec"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
+    reply = struct.Struct(">q")
+    not_forked, still_running = -(2**62), 2**62
+    while True:
+        try:
+            request, fds, _, _ = socket.recv_fds(channel, 1, 3)
+        except OSError:
+            request, fds = b"", []
+        if not request:
+            os._exit(0)  # the supervisor closed the socket (or is gone)
+        if request == b"S":
+            safe = (len(fds) == 3 and threading.active_count() == 1 and _native_threads() == 1
+                    and not torch.cuda.is_initialized())
+            pid = os.fork() if safe else -1
+            if pid == 0:
+                _become_worker(channel, fds)
+            for fd in fds:
+                os.close(fd)
+            channel.sendall(reply.pack(pid if pid > 0 else not_forked))
+        elif request == b"W":
+            data = b""
+            while len(data) < 16:
+                chunk = channel.recv(16 - len(data))
+                if not chunk:
+                    os._exit(0)
+                data += chunk
+            child, wait_s = struct.unpack(">qd", data)
+            channel.sendall(reply.pack(_reap(child, wait_s, still_running)))
+
+
+def _native_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def _become_worker(channel: Any, fds: list[int]) -> None:
+    """In the forked child: its own session, the three pipes as fds 0/1/2, then a worker's life."""
+    try:
+        channel.close()
+        os.setsid()
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        main(parent_pid=os.getppid())
+    finally:
+        os._exit(1)
+
+
+def _reap(pid: int, wait_s: float, still_running: int) -> int:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return still_running  # not ours, or reaped already
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return still_running
+        time.sleep(0.01)
 
 
 def _take_over_stdio() -> tuple[BinaryIO, BinaryIO, int]:

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from gradverify.progress import LiveProgress, wanted
 from gradverify.report import CaseResult, Status
-from gradverify.supervise import CaseFinished, CasesListed, CaseStarted, LoadingSpecs, PhaseChanged
+from gradverify.run_events import CaseFinished, CasesListed, CaseStarted, LoadingSpecs, PhaseChanged
 
 
 class _Stream(io.StringIO):

@@ -12,7 +12,8 @@ from conftest import REPO, SPECS, run_cli
 from gradverify.config import Settings
 from gradverify.errors import SpecError
 from gradverify.report import Status
-from gradverify.supervise import CaseFinished, CasesListed, CaseStarted, PhaseChanged, run_supervised
+from gradverify.supervise import (CaseFinished, CasesListed, CaseStarted, LoadingSpecs, PhaseChanged,
+                                  run_supervised)
 
 SPEC = '''
 import ctypes, os, sys, time
@@ -125,9 +126,10 @@ def test_endless_loop_times_out_and_the_next_case_still_runs(tmp_path: Path) -> 
     assert right.status is Status.PASSED
     assert report.exit_code == 1
     # The events a live display needs, in order: the list, each start, its phases, each verdict.
-    assert isinstance(events[0], CasesListed) and events[0].titles == ("LoopsInBackward x(3,4) float64 cpu",
+    assert events[0] == LoadingSpecs((str(tmp_path),))
+    assert isinstance(events[1], CasesListed) and events[1].titles == ("LoopsInBackward x(3,4) float64 cpu",
                                                                       "Right x(3,4) float64 cpu")
-    assert [type(e) for e in events if not isinstance(e, PhaseChanged)][1:] == [
+    assert [type(e) for e in events if not isinstance(e, PhaseChanged)][2:] == [
         CaseStarted, CaseFinished, CaseStarted, CaseFinished]
     phases = [e.phase for e in events if isinstance(e, PhaseChanged) and e.index == 1]
     assert phases[:3] == ["forward", "contracts", "jacobian"]
@@ -161,3 +163,27 @@ def test_a_spec_that_ends_the_process_at_import_is_a_spec_error(tmp_path: Path) 
     path = write_op(tmp_path, "dies.py", "Dies", preamble="print('importing'); os._exit(0)")
     with pytest.raises(SpecError, match="worker process exited with code 0 without reporting"):
         run_supervised([path], Settings())
+
+
+def test_an_import_that_never_returns_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradverify.supervise
+
+    monkeypatch.setattr(gradverify.supervise, "MIN_LOAD_TIMEOUT", 0.0)  # the load limit is then --timeout
+    path = write_op(tmp_path, "hangs.py", "Hangs", preamble="while True: pass")
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="loading the specs did not finish within 3 s"):
+        run_supervised([path], Settings(timeout=3))
+    assert time.monotonic() - started < 60
+
+
+def test_fresh_interpreters_where_workers_cannot_be_forked(tmp_path: Path) -> None:
+    from gradverify.supervise import Supervisor
+
+    write_op(tmp_path, "a_exit.py", "Exits", backward="os._exit(3)")
+    write_op(tmp_path, "b_right.py", "Right", forward="print('right forward')")
+    supervisor = Supervisor([str(tmp_path)], Settings(gradcheck="off"))
+    supervisor.launcher.use_zygote = False  # as on macOS and Windows
+    exits, right = supervisor.run()
+    assert supervisor.launcher.zygote is None
+    assert exits.message.startswith("the process running backward exited with code 3 without reporting")
+    assert right.status is Status.PASSED and "right forward" in right.output
