@@ -145,7 +145,12 @@ def _take_over_stdio() -> tuple[BinaryIO, BinaryIO, int]:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """A SIGKILLed parent (CI timeout, OOM killer) runs no cleanup: the kernel must end us."""
+    """A SIGKILLed supervisor (CI timeout, OOM killer) runs no cleanup: the kernel must end us.
+
+    Linux: PR_SET_PDEATHSIG. Other POSIX systems: a thread that notices being re-parented or the
+    supervisor gone. Windows: the pipes closing (the worker exits at its next command).
+    """
+    initial = os.getppid()
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -155,20 +160,27 @@ def _die_with_parent(parent_pid: int) -> None:
             pr_set_pdeathsig = 1
             libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
-            _watch_parent(parent_pid)
-    else:
-        _watch_parent(parent_pid)
-    if parent_pid and os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before the request above took effect
+            _watch_parent(initial, parent_pid)
+    elif os.name == "posix":
+        _watch_parent(initial, parent_pid)
+    if os.name == "posix" and parent_pid and not _alive(parent_pid):
+        os._exit(1)  # the supervisor died before the request above took effect
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Where the kernel cannot be asked: notice the parent's death by being re-parented."""
-    if not parent_pid:
-        return
+def _alive(pid: int) -> bool:
+    """POSIX only (on Windows, os.kill(pid, 0) would terminate the process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but not ours to signal
+    return True
 
+
+def _watch_parent(initial: int, parent_pid: int) -> None:
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == initial and (not parent_pid or _alive(parent_pid)):
             time.sleep(0.5)
         os._exit(1)
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO, SPECS, run_cli
 from gradverify.config import Settings
 from gradverify.errors import SpecError
-from gradverify.report import Status
-from gradverify.supervise import (CaseFinished, CasesListed, CaseStarted, LoadingSpecs, PhaseChanged,
+from gradverify.report import Report, Status
+from gradverify.supervise import (CaseFinished, CasesListed, CaseStarted, LoadingSpecs, PhaseChanged, Supervisor,
                                   run_supervised)
 
 SPEC = '''
@@ -114,8 +114,11 @@ def test_endless_loop_times_out_and_the_next_case_still_runs(tmp_path: Path) -> 
     write_op(tmp_path, "b_right.py", "Right")
     events: list[object] = []
     started = time.monotonic()
-    report = run_supervised([tmp_path], Settings(timeout=4), on_event=events.append)
+    supervisor = Supervisor([str(tmp_path)], Settings(timeout=4), on_event=events.append)
+    report = Report(cases=tuple(supervisor.run()))
     assert time.monotonic() - started < 40
+    # On Linux the replacement worker was forked from the zygote, not started as a fresh interpreter.
+    assert supervisor.launcher.use_zygote == sys.platform.startswith("linux")
     loop, right = report.cases
     assert loop.status is Status.ERROR
     assert loop.message == "backward did not return within 4 s (in the contracts check)"
@@ -177,8 +180,6 @@ def test_an_import_that_never_returns_is_stopped(tmp_path: Path, monkeypatch: py
 
 
 def test_fresh_interpreters_where_workers_cannot_be_forked(tmp_path: Path) -> None:
-    from gradverify.supervise import Supervisor
-
     write_op(tmp_path, "a_exit.py", "Exits", backward="os._exit(3)")
     write_op(tmp_path, "b_right.py", "Right", forward="print('right forward')")
     supervisor = Supervisor([str(tmp_path)], Settings(gradcheck="off"))
