@@ -8,7 +8,8 @@ the cases and run the ones they are handed, one at a time, reporting back over p
   `timeout` diagnosis naming what was running ("backward did not return within 120 s");
 * a worker that dies (os._exit, a signal, a segfault in compiled code) makes its case an ERROR
   with a `crashed` diagnosis ("the process running backward died with SIGSEGV");
-* a fresh worker then takes the next case, so the other cases still run and are reported;
+* a fresh worker then takes the next case, so the other cases still run and are reported (on
+  Linux it is forked from a zygote that imported torch once: see launcher.py);
 * what the user's code printed during a case is kept in `CaseResult.output` (the last 4 KB), so
   stdout holds only the report; what a worker prints outside a case (a spec's import) goes to
   stderr;
@@ -40,9 +41,9 @@ from typing import Any, Callable, Sequence
 from gradverify.config import Settings
 from gradverify.errors import SpecError
 from gradverify.launcher import Launcher, WorkerProcess
+from gradverify.report import CaseResult, Report
 from gradverify.run_events import (CaseFinished, CasesListed, CaseStarted, Event, EventHandler, LoadingSpecs,
                                    PhaseChanged)
-from gradverify.report import CaseResult, Report
 from gradverify.worker import PARENT_PID_ENV
 from gradverify.worker_results import crash_result, internal_error, rebuild_error, signal_name, timeout_result
 from gradverify.workerio import (PHASE_BLOCK_SIZE, MarkerSplitter, OutputTail, marker_prefix, receive_message,
