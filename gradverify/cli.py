@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import typer
 
-from gradverify.commands.check import ProgressBar  # noqa: F401 - re-exported for existing imports
 from gradverify.commands.error_handler import Interrupted, OutputClosed, guarded
 from gradverify.errors import UsageError
 from gradverify.schema import STDOUT_FORMATS, GradcheckMode, Mode, OutputFormat, values

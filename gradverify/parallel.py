@@ -1,92 +1,83 @@
-"""-j N: independent cases in worker processes.
+"""-j N for cases this process already expanded (the library's `check_paths(..., Settings(jobs=N))`).
 
-A Case holds an OpSpec whose Function class may not pickle (it lives in a spec module loaded by
-path), so a worker gets (spec path, op name, index among that op's cases, settings) and expands
-the spec itself; it checks that it rebuilt the same case (shapes, dtype, device, seed) before
-running it. CaseResult objects are frozen dataclasses of plain values and travel back as they
-are. Workers start with "spawn": a forked torch (its thread pools, an initialised CUDA) is not
-safe to use, and spawn behaves the same on every platform.
+The command line uses `supervise.run_supervised` directly. Here the caller holds Case objects,
+whose ops live in spec modules loaded by path and do not pickle; so the workers load the spec
+files those cases came from (once per worker), and each case is matched to the worker's own
+expansion by what identifies it (op, file, shapes, dtype, device, seed, repro line). A case with
+no spec file to load, or not found in the workers' expansion, runs here.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from gradverify.cases import Case
+from gradverify.cases import Case, case_settings
 from gradverify.config import Settings
+from gradverify.errors import GradverifyError
 from gradverify.report import CaseResult
 
-Task = tuple[str, str, int, tuple[tuple[int, ...], ...], str, str, int]
+Key = tuple[Any, ...]
 
 
-def _key(case: Case) -> tuple[tuple[tuple[int, ...], ...], str, str, int]:
-    return (tuple(tuple(s) for s in case.shapes), case.dtype, case.device, case.seed)
+def case_key(case: Case, settings: Settings) -> Key:
+    """What identifies a case in a worker's expansion (the same fields supervise.py compares)."""
+    from gradverify.runner import repro_command
+
+    return (case.op.name, case.op.file, case.shapes, case.dtype, case.device, case.seed,
+            repro_command(case, case_settings(case, settings)))
 
 
-def tasks_for(cases: Sequence[Case]) -> list[Task | None]:
-    """What a worker needs to rebuild each case; None for a case that must run here (no spec file)."""
-    seen: dict[tuple[str, str], int] = {}
-    tasks: list[Task | None] = []
-    for case in cases:
-        file = case.op.file
-        index = seen.get((file, case.op.name), 0)
-        seen[(file, case.op.name)] = index + 1
-        if not file or not Path(file).exists():
-            tasks.append(None)
-            continue
-        tasks.append((file, case.op.name, index, *_key(case)))
-    return tasks
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    # N workers on C cores: C // N intra-op threads each, so they do not oversubscribe the CPU.
-    torch.set_num_threads(max(1, threads))
-
-
-def _run_task(task: Task, settings: Settings) -> CaseResult | None:
-    """Rebuild the case from its spec and run it; None if the rebuilt case is not the same one."""
-    from gradverify.api import collect_cases
-    from gradverify.runner import run_case
-
-    file, op_name, index, shapes, dtype, device, seed = task
-    cases = [c for c in collect_cases([Path(file)], settings.with_(ops=(op_name,))) if c.op.name == op_name]
-    if index >= len(cases) or _key(cases[index]) != (shapes, dtype, device, seed):
-        return None
-    return run_case(cases[index], settings)
+def outline_key(outline: CaseResult) -> Key:
+    return (outline.op, outline.file, outline.shapes, outline.dtype, outline.device, outline.seed, outline.repro)
 
 
 def run_parallel(cases: Sequence[Case], settings: Settings, jobs: int,
                  progress: Callable[[CaseResult, int, int], None] | None = None) -> list[CaseResult]:
-    """Results in the order of `cases`, computed by `jobs` spawned workers."""
+    """Results in the order of `cases`, computed by up to `jobs` supervised workers."""
     from gradverify.runner import run_case
+    from gradverify.supervise import CaseFinished, Event, Supervisor
 
-    tasks = tasks_for(cases)
-    results: list[CaseResult | None] = [None] * len(cases)
+    files: list[str] = []
+    for case in cases:
+        file = case.op.spec_file or case.op.file
+        if file and Path(file).is_file() and file not in files:
+            files.append(file)
+    keys = [case_key(case, settings) for case in cases]
+    placed: dict[int, int] = {}  # position in `cases` -> index in the workers' expansion
+
+    def select(outlines: tuple[CaseResult, ...]) -> list[int]:
+        free: dict[Key, list[int]] = {}
+        for index, outline in enumerate(outlines):
+            free.setdefault(outline_key(outline), []).append(index)
+        for position, key in enumerate(keys):
+            if free.get(key):
+                placed[position] = free[key].pop(0)
+        return sorted(placed.values())
+
     done = 0
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    local = [k for k, t in enumerate(tasks) if t is None]
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_task, task, settings): k for k, task in enumerate(tasks) if task is not None}
-        for future in as_completed(futures):
-            k = futures[future]
-            result = future.result()
-            if result is None:  # the worker rebuilt a different case: run this one here
-                local.append(k)
-                continue
-            results[k] = result
+    total = len(cases)
+
+    def on_event(event: Event) -> None:
+        nonlocal done
+        if isinstance(event, CaseFinished) and progress is not None:
+            done += 1
+            progress(event.result, done, total)
+
+    results: list[CaseResult | None] = [None] * total
+    if files:
+        try:
+            supervised = Supervisor(files, settings.with_(jobs=jobs), on_event=on_event).run(select)
+        except GradverifyError:
+            placed.clear()  # these files alone do not load as the caller's paths did: run here
+        else:
+            by_index = dict(zip(sorted(placed.values()), supervised))
+            for position, index in placed.items():
+                results[position] = by_index[index]
+    for position, case in enumerate(cases):
+        if results[position] is None:
+            results[position] = run_case(case, settings)
             done += 1
             if progress is not None:
-                progress(result, done, len(cases))
-    for k in sorted(local):
-        results[k] = run_case(cases[k], settings)
-        done += 1
-        if progress is not None:
-            progress(results[k], done, len(cases))  # type: ignore[arg-type]
-    return [r for r in results if r is not None]
+                progress(results[position], done, total)  # type: ignore[arg-type]
+    return [result for result in results if result is not None]

@@ -20,6 +20,7 @@ from gradverify.checks.base import CaseContext, user_error_result
 from gradverify.config import Settings
 from gradverify.errors import SpecError
 from gradverify.report import (CaseResult, CheckResult, Diagnosis, InputInfo, Severity, Status, worst_status)
+from gradverify.sandbox import torch_sandbox
 from gradverify.usercode import UserCodeError
 
 Progress = Callable[[str], None]
@@ -101,21 +102,23 @@ def _inputs(case: Case, values: list[Any] | None) -> tuple[InputInfo, ...]:
 def run_case(case: Case, settings: Settings, values: list[Any] | None = None,
              progress: Progress | None = None) -> CaseResult:
     """One case; when its inputs landed near a non-differentiable point, re-draw them (up to
-    --retries times) rather than judge the op there. `values`: the caller's own inputs."""
-    started = time.perf_counter()
-    result = run_case_once(case, settings, values, progress)
-    if values is None:
-        tried = [case.seed]
-        for attempt in range(1, settings.retries + 1):
-            if not _near_kink(result):
-                break
-            retry_case = replace(case, seed=case.seed + attempt)
-            retry = run_case_once(retry_case, settings, None, progress)
-            tried.append(retry_case.seed)
-            note = (f"seed {tried[-2]} put an input near a non-differentiable point; inputs re-drawn with seed "
-                    f"{retry_case.seed}")
-            result = replace(retry, notes=retry.notes + (note,))
-    return replace(result, duration_s=time.perf_counter() - started)
+    --retries times) rather than judge the op there. `values`: the caller's own inputs.
+    Global torch state (grad mode, RNG, ...) is set for the checks and restored afterwards."""
+    with torch_sandbox(seed=case.seed):
+        started = time.perf_counter()
+        result = run_case_once(case, settings, values, progress)
+        if values is None:
+            tried = [case.seed]
+            for attempt in range(1, settings.retries + 1):
+                if not _near_kink(result):
+                    break
+                retry_case = replace(case, seed=case.seed + attempt)
+                retry = run_case_once(retry_case, settings, None, progress)
+                tried.append(retry_case.seed)
+                note = (f"seed {tried[-2]} put an input near a non-differentiable point; inputs re-drawn with "
+                        f"seed {retry_case.seed}")
+                result = replace(retry, notes=retry.notes + (note,))
+        return replace(result, duration_s=time.perf_counter() - started)
 
 
 def broadcast_note(case: Case) -> str:

@@ -35,6 +35,12 @@ def boundary(fn: F) -> F:
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
 
+# Told the phase on entering user code and the enclosing phase ("" outside user code) on leaving
+# it. The supervised worker (gradverify/worker.py) keeps it where the supervising process can read
+# it after a hang or a crash, to say "backward did not return" rather than name a whole check.
+phase_listener: Callable[[str], None] | None = None
+_active_phases: list[str] = []
+
 
 def _torch_dir() -> str:
     import torch
@@ -92,6 +98,10 @@ def raised_by_gradverify(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def user_code(phase: str) -> Iterator[None]:
     """Run the user's code; its exceptions become UserCodeError, ours propagate."""
+    listener = phase_listener
+    if listener is not None:
+        _active_phases.append(phase)
+        listener(phase)
     try:
         yield
     except UserCodeError:
@@ -102,6 +112,10 @@ def user_code(phase: str) -> Iterator[None]:
         if isinstance(exc, Exception) and raised_by_gradverify(exc):
             raise
         raise UserCodeError(phase, exc) from exc
+    finally:
+        if listener is not None:
+            _active_phases.pop()
+            listener(_active_phases[-1] if _active_phases else "")
 
 
 def user_frame(exc: BaseException, prefer: str | None = None) -> tuple[str | None, int | None]:

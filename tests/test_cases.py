@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import pytest
@@ -115,25 +114,6 @@ def test_sweep_two_shapes_by_two_dtypes_gives_four_rows() -> None:
     assert sorted((tuple(tuple(s) for s in c["shapes"]), c["dtype"]) for c in cases) == sorted(
         [(((3, 3),), "float64"), (((3, 3),), "float32"), (((2, 4),), "float64"), (((2, 4),), "float32")])
     assert "\x1b[" not in result.stderr and "checking" not in result.stderr  # no progress bar off a terminal
-
-
-def test_progress_bar_draws_only_when_enabled() -> None:
-    from rich.console import Console
-
-    from gradverify.cli import ProgressBar
-    from gradverify.report import CaseResult, Status
-
-    result = CaseResult(op="Op", file="f.py", shapes=((2,),), dtype="float64", device="cpu", seed=0,
-                        status=Status.PASSED)
-    hidden = ProgressBar(enabled=False)
-    hidden(result, 1, 2)
-    assert hidden.bar is None
-    buffer = io.StringIO()
-    shown = ProgressBar(enabled=True, console=Console(file=buffer, force_terminal=True, width=100))
-    shown(result, 1, 2)
-    shown(result, 2, 2)
-    shown.close()
-    assert "checking" in buffer.getvalue() and "2/2" in buffer.getvalue()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

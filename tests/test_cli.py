@@ -280,12 +280,12 @@ def test_control_characters_from_user_text_never_reach_the_terminal(tmp_path: Pa
 # --- the error handler: our own bugs, Ctrl-C ---------------------------------------------------
 
 def test_an_internal_error_exits_3_with_a_log_it_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import gradverify.api
+    import gradverify.supervise
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug of ours")
 
-    monkeypatch.setattr(gradverify.api, "check_paths", broken)
+    monkeypatch.setattr(gradverify.supervise, "run_supervised", broken)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
@@ -316,12 +316,12 @@ def test_an_internal_error_exits_3_with_a_log_it_names(monkeypatch: pytest.Monke
 
 
 def test_ctrl_c_exits_130_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gradverify.api
+    import gradverify.supervise
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gradverify.api, "check_paths", interrupted)
+    monkeypatch.setattr(gradverify.supervise, "run_supervised", interrupted)
     result = run_cli("check", FIXED)
     assert result.code == 130
     assert result.stderr.strip() == "gradverify: interrupted" and "Traceback" not in result.stderr

@@ -45,7 +45,7 @@ def _reset() -> None:
 def _graph_breaks() -> tuple[int, str]:
     from torch._dynamo.utils import counters
 
-    breaks = counters.get("graph_break", {})
+    breaks: dict[str, int] = dict(counters.get("graph_break", {}))
     total = sum(breaks.values())
     lines = [line.strip() for line in next(iter(breaks), "").strip().splitlines() if line.strip()]
     # Dynamo's reason is a title line, then "Explanation: ..." saying what it could not trace.

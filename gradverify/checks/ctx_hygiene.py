@@ -105,7 +105,7 @@ def _replaced(value: Any, path: tuple[Any, ...], new: torch.Tensor) -> Any:
 
 
 def _lookup(node: Any, path: tuple[Any, ...]) -> Any:
-    value = getattr(node, "__dict__", {}).get(path[0])
+    value: Any = getattr(node, "__dict__", {}).get(path[0])
     for key in path[1:]:
         try:
             value = value[key]

@@ -213,6 +213,10 @@ class LayoutCheck:
         return named or [outcome]
 
 
+def _laid_out(layout: Layout, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: layout.apply(t, gen)
+
+
 def _input_outcome(ctx: CaseContext, run: ForwardRun, cotangents: dict[int, torch.Tensor], base: Gradients,
                    layout: Layout, positions: list[int], gen: torch.Generator) -> _Finding | None:
     names = ", ".join(ctx.input_names[p] for p in positions)
@@ -221,7 +225,7 @@ def _input_outcome(ctx: CaseContext, run: ForwardRun, cotangents: dict[int, torc
                        for p in positions)
     what = f"with {names} as {layout.what} ({detail}, {layout.origin})"
     try:
-        strided_run = _strided_forward(ctx, {p: (lambda t, lay=layout: lay.apply(t, gen)) for p in positions})
+        strided_run = _strided_forward(ctx, {p: _laid_out(layout, gen) for p in positions})
     except UserCodeError as exc:
         return _Finding(f"forward rejects {names} as {layout.what} ({first_line(exc.original)}): that layout was "
                         "not checked", on_input=True, severity=Severity.NOTE)

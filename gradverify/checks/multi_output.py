@@ -167,7 +167,7 @@ def _reference_says(ctx: CaseContext, g: dict[int, torch.Tensor], together: Grad
     except UserCodeError:
         return ""
     leaves = dict(source.leaves)
-    ref = {p: rows[p][0].reshape(leaves[p].shape) for p in rows}
+    ref: dict[int, torch.Tensor | None] = {p: rows[p][0].reshape(leaves[p].shape) for p in rows}
     together_ok = not differences(_cpu(together), ref, ctx.tolerance)
     summed_ok = not differences(_cpu(summed), ref, ctx.tolerance)
     if summed_ok and not together_ok:

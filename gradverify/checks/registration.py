@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils._pytree import tree_map_only
@@ -98,8 +98,8 @@ class RegistrationCheck:
 def _result(found: Findings) -> CheckResult:
     errors = [d for d in found.diagnoses if d.severity is Severity.ERROR]
     kinds = sorted({d.kind for d in found.diagnoses})
-    common = dict(diagnoses=tuple(found.diagnoses), details=tuple(found.details), notes=tuple(found.notes),
-                  unverifiable_count=found.not_judged)
+    common: dict[str, Any] = dict(diagnoses=tuple(found.diagnoses), details=tuple(found.details),
+                                  notes=tuple(found.notes), unverifiable_count=found.not_judged)
     if errors:
         return CheckResult(name=NAME, status=Status.FAILED, message="; ".join(d.message for d in errors),
                            summary="failed: " + ", ".join(kinds), **common)
@@ -240,6 +240,11 @@ def _needs_shape_env(exc: BaseException) -> bool:
     return isinstance(exc, DynamicOutputShapeException) or "shapeenv" in text or "shape_env" in text
 
 
+def _faker(mode: Any) -> Callable[[torch.Tensor], Any]:
+    """t -> a fake copy of t in `mode` (a function per mode, not a closure over the loop variable)."""
+    return lambda t: mode.from_tensor(t, static_shapes=True)
+
+
 def _run_fake(ctx: CaseContext, fn: Any, args: Sequence[Any], phase: str) -> tuple[Any, Any, list[Any]]:
     """fn(mode, fake_args) under a FakeTensorMode (retried with a ShapeEnv where the kernel needs
     symbolic sizes); returns (mode, result, fake args). Raises UserCodeError."""
@@ -248,7 +253,7 @@ def _run_fake(ctx: CaseContext, fn: Any, args: Sequence[Any], phase: str) -> tup
         mode = _fake_mode(shape_env)
         # Every tensor, lists of tensors (Tensor[] arguments) included: a real tensor inside a
         # FakeTensorMode is an error of ours, never of the fake kernel.
-        fake_args = tree_map_only(torch.Tensor, lambda t: mode.from_tensor(t, static_shapes=True), list(args))
+        fake_args = tree_map_only(torch.Tensor, _faker(mode), list(args))
         try:
             with user_code(phase), mode:
                 return mode, fn(mode, fake_args), fake_args
@@ -290,7 +295,7 @@ def _concrete(values: Sequence[Any]) -> list[int | None]:
 
 
 def _layout_text(strides: Sequence[int | None], shape: Sequence[int]) -> str:
-    expected = []
+    expected: list[int | None] = []
     acc = 1
     for size in reversed(shape):
         expected.insert(0, acc)
@@ -430,7 +435,7 @@ def _call_registered_backward(opdef: Any, schema: Any, stand_in: StandInCtx, inp
 
 def _random_grads(outputs: Sequence[Any], seed: int) -> list[Any]:
     gen = torch.Generator().manual_seed(seed)
-    grads = []
+    grads: list[torch.Tensor | None] = []
     for out in outputs:
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             grads.append(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device))

@@ -212,7 +212,7 @@ def _vmap_probe(ctx: CaseContext) -> Probe:
                 hint="a vmap rule gets in_dims (the batch dim of each input, None if not batched): move each "
                      "batch dim where the kernel expects it (x.movedim(d, 0), or expand an unbatched input), and "
                      "return out_dims saying where the batch dim of each output is")])
-    return Probe(name, "ok", f"ok: {rule} matches a loop over a batch of {BATCH} ({'; '.join(l for l, _ in layouts)})")
+    return Probe(name, "ok", f"ok: {rule} matches a loop over a batch of {BATCH} ({'; '.join(label for label, _ in layouts)})")
 
 
 # --- reverse mode under torch.func ---------------------------------------------------------------
@@ -259,7 +259,7 @@ def _vjp_probe(ctx: CaseContext) -> Probe:
     cotangents = random_like(ctx, outs, 1)
     try:
         with user_code("torch.func.vjp"):
-            _, vjp_fn = torch.func.vjp(fn, *primals)
+            _, vjp_fn = torch.func.vjp(fn, *primals)  # type: ignore[misc]  # torch's stub: the has_aux overload
             single = vjp_fn(tuple(u[0] for u in cotangents))
     except UserCodeError as exc:
         if "setup_context staticmethod" in str(exc.original) and ctx.op.kind in ("custom_op", "torch.ops"):

@@ -8,14 +8,13 @@ error handler, and the exit code is returned.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradverify.commands.emit import View, emit, on_ci, parse_outputs
-from gradverify.errors import UsageError, escape_terminal, shorten
-from gradverify.report import EXIT_FAILED, EXIT_OK, CaseResult, Report
+from gradverify.errors import UsageError, shorten
+from gradverify.report import EXIT_FAILED, EXIT_OK, Report
 from gradverify.schema import OutputFormat
 
 
@@ -115,11 +114,14 @@ def run_check(a: CheckArgs) -> int:
             raise UsageError("no spec path given: pass PATH (a spec file or folder) or set `paths` in "
                              "[tool.gradverify] of pyproject.toml")
         check_readable(paths)
-    from gradverify.api import check_paths
+    # Every case runs in a worker process (timeouts, crashes and prints contained); this process
+    # never imports the user's code.
+    from gradverify.progress import LiveProgress
+    from gradverify.supervise import run_supervised
 
-    progress = ProgressBar(enabled=sys.stdout.isatty() and sys.stderr.isatty())
+    progress = LiveProgress()
     try:
-        report = check_paths(paths, settings, progress=progress)
+        report = run_supervised(paths, settings, on_event=progress)
     finally:
         progress.close()
     written = emit(report, fmt, view, outputs)
@@ -127,36 +129,3 @@ def run_check(a: CheckArgs) -> int:
         return written
     code = report.exit_code
     return EXIT_OK if a.exit_zero and code == EXIT_FAILED else code
-
-
-class ProgressBar:
-    """A transient progress bar on stderr while cases run; does nothing when output is not a terminal."""
-
-    def __init__(self, enabled: bool, console: Any = None) -> None:
-        self.enabled = enabled
-        self.console = console
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __call__(self, result: CaseResult, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from rich.markup import escape
-
-        if self.bar is None:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.description}"),
-                                console=self.console or Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=total)
-        # The op's name is the user's text: neither rich markup nor control characters.
-        description = escape(escape_terminal(f"{result.op} {result.dtype} {result.device}: {result.status.value}"))
-        self.bar.update(self.task, completed=done, total=total, description=description)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None

@@ -121,16 +121,16 @@ def _transposes(v: BlockView) -> Iterator[tuple[str, Transform, str]]:
                 yield (f"exchanging {v.out_name}'s dim {d} with {v.in_name}'s dim {e} ({_exchange_formula(v, d, e)})",
                        _swap(d, no + e), OPERAND_HINT)
     if out_shape == in_shape and no >= 2:
-        perm = [*range(no, no + ni), *range(no)]
+        whole = [*range(no, no + ni), *range(no)]
         yield "transposing the whole Jacobian (the backward applies J where Jᵀ belongs)", \
-            lambda x: x.permute(perm), OPERAND_HINT
+            lambda x: x.permute(whole), OPERAND_HINT
     for side_shape, side_name, rows_first in ((in_shape, v.in_name, True), (out_shape, v.out_name, False)):
         for perm in _layout_perms(len(side_shape)):
-            permuted = [side_shape[p] for p in perm]
-            if permuted == list(side_shape):
+            sizes = [side_shape[p] for p in perm]
+            if sizes == list(side_shape):
                 continue  # equal sizes: already tried as a swap
             for inverse in (False, True):
-                shown = "x".join(map(str, permuted))
+                shown = "x".join(map(str, sizes))
                 what = (f"reading {side_name}'s entries in a {shown} layout (dims {tuple(perm)} of {side_name}) "
                         "reshaped instead of transposed")
                 hint = (f"the gradient for {v.in_name} is computed in a transposed layout and then .reshape()d / "

@@ -112,8 +112,8 @@ def render_github(report: Report, *, workspace: str | None = None) -> str:
             level = _LEVEL.get(check.status, "notice") if check.counts else "notice"
             status = check.status.value if check.counts else f"{check.status.value} (not counted)"
             file, line = finding_place(case, check)
-            lines.append(_command(level, file, line, f"gradverify: {label} {check.name} {status}", _message(case, check, workspace),
-                                  workspace))
+            lines.append(_command(level, file, line, f"gradverify: {label} {check.name} {status}",
+                                  _message(case, check, workspace), workspace))
     lines.append(footer(report))
     return "\n".join(lines) + "\n"
 
