@@ -106,9 +106,6 @@ NOT_NAMED_YET = {
     "classics:GELUFunction_bug_sign",  # one term's sign: named nonconstant_factor (element-wise, ratio varies)
     # Named by a check other than the Jacobian's diagnosis:
     "linear:LinearFunction_bug_transposed",  # the contract sees the (in, out) shape first: shape_mismatch
-    # The Jacobian says precision, but the contracts' linearity test reads float32 rounding as
-    # ignores_grad_output and the runner lets that cause replace it:
-    "triton_style:TritonLayerNorm_bug_precision",
 }
 # Correct ops whose backward gradverify finds imprecise in float32 (a true finding): 1 - sigmoid(x)
 # for x ~ 15 cancels in float32 (values ~3e-7 with errors ~6e-8); float64 is fine.

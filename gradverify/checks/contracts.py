@@ -223,8 +223,9 @@ def _structure(ctx: CaseContext, grads: tuple[Any, ...], was_list: bool, wrote: 
                 findings.append(_Finding("grad_meta", Diagnosis(
                     "engine_reduced",
                     f"gradient for {name} has shape {tuple(grad.shape)} but {name} has shape {tuple(arg.shape)}: "
-                    f"the autograd engine sums it over dim{'s' if len(dims) > 1 else ''} {dim_text}, so training "
-                    f"works, at the cost of a {waste} gradient per call",
+                    f"the autograd engine sums it over dim{'s' if len(dims) > 1 else ''} {dim_text} to fit, as for a "
+                    f"broadcast input, at the cost of a {waste} gradient per call (the jacobian check judges the "
+                    "summed gradient)",
                     input=name, severity=Severity.WARNING,
                     hint=f"sum it yourself: .sum({', '.join(map(str, dims))}"
                          f"{', keepdim=True' if grad.dim() == arg.dim() else ''})"
@@ -328,7 +329,19 @@ def _linearity(ctx: CaseContext, first: tuple[Any, ...], second: tuple[Any, ...]
     # (1.5e-8 in float64, 3.5e-4 in float32) is far above the few roundings that adds and far
     # below the O(1) error of a backward that ignores or squares grad_output.
     limit = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps ** 0.5
-    if worst > limit:
+    # A float64 backward that computes part of its work in float32 is linear only to float32
+    # rounding (~1e-7 relative): far below the O(1) error of ignoring grad_output, and a matter
+    # of precision, which the Jacobian judges entry by entry. Said as a warning, never as the
+    # cause of a Jacobian mismatch.
+    low_precision = torch.finfo(torch.float32).eps ** 0.5
+    if limit < worst <= low_precision and limit < low_precision:
+        findings.append(_Finding("linearity", Diagnosis(
+            "precision",
+            f"backward is linear in grad_output only to {worst:.2g} relative, about float32 rounding in a "
+            f"{str(dtype).removeprefix('torch.')} backward: part of it computes in a lower precision",
+            severity=Severity.WARNING,
+            hint="look for a .float(), a float32 buffer or a float32 kernel inside the backward")))
+    elif worst > limit:
         message = (f"backward is not linear in grad_output (relative error {worst:.3g}): it ignores grad_output, "
                    "uses ones, or transforms it non-linearly")
         findings.append(_Finding("linearity", Diagnosis(
