@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradverify.report import EXIT_USAGE
+from gradverify.report import EXIT_NOTHING, EXIT_USAGE
 
 
 class GradverifyError(Exception):
@@ -35,7 +35,11 @@ class SpecError(GradverifyError):
 
 
 class NoFunctionError(SpecError):
-    """A Python file defines no autograd Function: an error for a spec, a helper module in a folder."""
+    """A spec path holds no op: a .py that defines none, or a folder with no spec file. Nothing was
+    checked, so exit 5 (as pytest when it collects no test), with the reason on one line; inside a
+    folder such a .py is a helper module and is skipped."""
+
+    exit_code = EXIT_NOTHING
 
 
 class UsageError(GradverifyError):

@@ -134,6 +134,18 @@ def test_every_case_skipped_exits_5_not_0() -> None:
     assert mixed.code == 0  # something was checked and passed
 
 
+def test_no_op_found_exits_5_with_the_reason(tmp_path: Path) -> None:
+    """A file or folder with no op: nothing was checked (pytest's 5 for "no tests collected"),
+    and the one line says why."""
+    (tmp_path / "helpers.py").write_text("import torch\n\nSCALE = 2.0\n")
+    (tmp_path / "empty").mkdir()
+    for target, reason in ((tmp_path / "helpers.py", "no op is defined in this file"),
+                           (tmp_path / "empty", "folder holds no .py or .yaml spec")):
+        result = run_cli("check", str(target))
+        assert result.code == 5 and result.stdout == "", result.stderr
+        assert result.stderr.count("\n") == 1 and reason in result.stderr and str(target) in result.stderr
+
+
 def test_empty_shape_reaches_the_runner_as_nothing_to_differentiate(write_spec) -> None:
     path = write_spec("square.py", SQUARE)
     result = run_cli("check", str(path), "--shape", "0,3", "--format", "json")

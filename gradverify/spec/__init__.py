@@ -20,7 +20,7 @@ def spec_files(path: Path) -> list[Path]:
                        if p.suffix in SPEC_SUFFIXES and p.is_file()
                        and not any(part.startswith((".", "__")) for part in p.relative_to(path).parts))
         if not found:
-            raise SpecError("folder holds no .py or .yaml spec", file=str(path))
+            raise NoFunctionError("folder holds no .py or .yaml spec", file=str(path))
         return found
     return [path]
 
