@@ -367,6 +367,12 @@ def overrule_second_opinions(checks: list[CheckResult]) -> list[CheckResult]:
         return checks
     why = ("the input is near a non-differentiable point" if at_kink else
            "gradverify's reference and finite differences agree with the backward at every entry")
+    along = next((n for n in jac.notes if n.startswith("compared along")), None)
+    if along is not None and not at_kink:
+        # A constrained input (symmetric, SPD, simplex...): gradcheck nudges one entry at a time,
+        # which leaves the domain where the op is defined; its Jacobian is not the op's.
+        how = along.split(":")[0].removeprefix("compared along ").replace(" (the input's domain)", "")
+        why += f"; gradcheck perturbs one entry at a time and leaves the domain, gradverify compares along {how}"
     return [replace(c, counts=False, summary=f"{c.summary} (overruled)" if c.summary else "overruled",
                     message=f"{c.message} -- not counted: {why}")
             if c.name in ("gradcheck", "gradgradcheck") and c.status is Status.FAILED else c

@@ -299,6 +299,9 @@ def passing_notes(report: Report, verbosity: int = 0) -> list[Note]:
         for check in case.checks:
             if check.guarantee and check.status is Status.PASSED:
                 texts.append(f"{check.name}: {check.guarantee}")
+            if not check.counts and check.status is Status.FAILED and " -- not counted: " in check.message:
+                # A second opinion overruled next to a pass: say why once, or it reads as a doubt.
+                texts.append(f"{check.name} failed, not counted: {check.message.split(' -- not counted: ', 1)[1]}")
             if verbosity >= 1:
                 texts += [f"{check.name}: {n}" for n in check.notes]
         for text in dict.fromkeys(texts):
