@@ -80,8 +80,10 @@ def test_fast_mode_catches_missing_softmax_offdiagonal() -> None:
 def test_auto_mode_uses_projections_past_the_size_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import gradverify.checks.jacobian as jacobian
 
-    monkeypatch.setattr(jacobian, "AUTO_FULL_MAX_ENTRIES", 100)
+    # A full check of this size "would take" 1024 entries x 1 s > 20 s: auto takes projections.
+    monkeypatch.setattr(jacobian, "AUTO_NS_PER_ENTRY", 1e9)
     fn = _linear(32, 5, 7, 0.5)
     check = _jacobian(gradverify.verify(fn, torch.randn(32, dtype=torch.float64), gradcheck="off"))
     assert dict(check.details)["mode"].startswith("fast")
+    assert dict(check.details)["auto"].startswith("projections: a full check of 1,024 entries would take")
     assert [(m.out_index, m.in_index) for m in check.mismatches] == [((5,), (7,))]

@@ -26,6 +26,7 @@ from gradverify.checks.base import CaseContext, Truth
 from gradverify.diagnose import diagnose
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import BlockComparison, all_mismatches, heatmap_of
+from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.finite_diff import FiniteDifferences
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.tolerance import Tolerance
@@ -35,13 +36,23 @@ from gradverify.usercode import UserCodeError
 
 NAME = "jacobian"
 
-# --mode auto checks every entry up to this many Jacobian entries (16,384 x 16,384: a full check
-# streams each entry a few times, ~10 s on a 2-core machine) and uses projections beyond it.
-AUTO_FULL_MAX_ENTRIES = 2**28
-# The comparison of one dense block holds analytic, truth, second truth, bars, allowed and
-# masks at once: about 8 float64 copies of the block. Beyond --max-memory / 8, stream.
-DENSE_COPIES = 8
-# Whole blocks are compared directly up to this working set (~130k entries); larger Jacobians
+# --mode auto: a full check (every entry) when it is estimated to end within AUTO_FULL_SECONDS,
+# projections beyond. The estimate is measured on the case: the streamed pass times its first
+# row chunks (both backwards and the comparison) and extrapolates; before that, a Jacobian so
+# large that even AUTO_NS_PER_ENTRY per entry exceeds the limit goes straight to projections.
+# 2 ns an entry is below what the comparison alone costs on any CPU (measured 4-20 ns an entry
+# for the pass on a 2-core machine: two batched backwards, the comparison, the heatmap map), so
+# the shortcut never takes a full check away that would have fit. 20 s keeps a default check of
+# any size within "seconds to tens of seconds" (the failing path adds its finite differences,
+# bounded by colouring.MAX_CONFIRM_COLUMNS).
+AUTO_FULL_SECONDS = 20.0
+AUTO_NS_PER_ENTRY = 2.0
+# The comparison of one dense block holds at once: A (and its float64 copy below float64), the
+# truth, finite differences and their bars, the allowed error, |A - truth|, verdicts and masks,
+# the second truth for the mismatch list, and the diagnosis' temporaries: about 12 float64
+# copies of the block. Beyond --max-memory / 12, stream (or, without a reference, project).
+DENSE_COPIES = 12
+# Whole blocks are compared directly up to this working set (~90k entries); larger Jacobians
 # are streamed (measured 2-4x faster at 4M+ entries: whole blocks fall out of cache).
 DENSE_MAX_BYTES = 8 * 2**20
 # Random cotangents for the norm-wise test.
@@ -67,31 +78,50 @@ class JacobianCheck:
             return [ctx.user_error(NAME, exc)]
 
     def _run(self, ctx: CaseContext) -> CheckResult:
+        from gradverify.numerics.projection import projected_check
+        from gradverify.numerics.streaming import OverBudget, streamed_check
+
         analytic = ctx.analytic
         truth = ctx.truth
         entries = total_entries(analytic)
         mode = ctx.settings.mode
-        if mode == "auto":
-            mode = "full" if entries <= AUTO_FULL_MAX_ENTRIES else "fast"
-        budget = min(ctx.settings.max_memory, DENSE_MAX_BYTES) if truth.reference.usable else ctx.settings.max_memory
+        budget = ctx.settings.max_memory
+        usable = truth.reference.usable
         if mode == "fast":
-            from gradverify.numerics.projection import projected_check
-
             return projected_check(ctx, analytic, truth, entries)
-        if fits_dense(entries, budget):
-            return dense_check(ctx, analytic, truth, entries)
-        if truth.reference.usable:
-            from gradverify.numerics.streaming import streamed_check
-
-            return streamed_check(ctx, analytic, truth, entries)
-        if fits_dense(entries, ctx.settings.max_memory * 4):
-            return dense_check(ctx, analytic, truth, entries)
-        from gradverify.numerics.projection import projected_check
-
+        auto = mode == "auto"
+        if auto and entries * AUTO_NS_PER_ENTRY * 1e-9 > AUTO_FULL_SECONDS:
+            return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
+                                   f"a full check of {entries:,} entries would take at least "
+                                   f"{entries * AUTO_NS_PER_ENTRY * 1e-9:,.0f} s (> {AUTO_FULL_SECONDS:.0f} s)")
+        if fits_dense(entries, min(budget, DENSE_MAX_BYTES) if usable else budget):
+            result = dense_check(ctx, analytic, truth, entries)
+            return _auto_full(result, "a small Jacobian: every entry") if auto else result
+        if usable:
+            try:
+                result = streamed_check(ctx, analytic, truth, entries,
+                                        time_limit=AUTO_FULL_SECONDS if auto else None)
+            except OverBudget as over:
+                return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
+                                       f"a full check of {entries:,} entries was estimated at {over.estimate_s:,.0f} s "
+                                       f"(> {AUTO_FULL_SECONDS:.0f} s; measured: {over.measured})")
+            return _auto_full(result, f"estimated within {AUTO_FULL_SECONDS:.0f} s") if auto else result
         result = projected_check(ctx, analytic, truth, entries)
         return replace(result, notes=result.notes + (
-            "no usable reference and the Jacobian is too large to hold for finite differences: checked by "
-            "projections",))
+            "no usable reference and the Jacobian is too large to hold for finite differences within --max-memory: "
+            "checked by projections",))
+
+
+def _auto_full(result: CheckResult, why: str) -> CheckResult:
+    """--mode auto chose the full check: say so, and what it guarantees."""
+    guarantee = result.guarantee or ("every entry compared" if not result.mismatch_count_is_lower_bound else "")
+    return replace(result, details=result.details + (("auto", f"full check ({why})"),), guarantee=guarantee)
+
+
+def _auto_projected(ctx: CaseContext, result: CheckResult, why: str) -> CheckResult:
+    """--mode auto chose projections: say why, and that the guarantee is probabilistic."""
+    return replace(result, details=result.details + (("auto", f"projections: {why}; --mode full checks every "
+                                                              "entry"),))
 
 
 def total_entries(source: VjpSource) -> int:
@@ -180,7 +210,7 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
     verdicts: dict[tuple[int, int], torch.Tensor] = {}
     scales: dict[tuple[int, int], torch.Tensor] = {}
     slacks: dict[tuple[int, int], torch.Tensor] = {}
-    disagree_cols: dict[int, torch.Tensor] = {}
+    moved_blocks: dict[int, dict[int, torch.Tensor]] = {}
     for (o, p), t in t_flat.items():
         a = a_flat[(o, p)]
         scale = judge.row_scales(t, _fallback_scale(t, case_max, outputs[o], leaves[p])).unsqueeze(1).expand_as(t)
@@ -189,13 +219,11 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
             verdict = torch.zeros(t.shape, dtype=torch.int8)
             disagree = judge.disagrees(a, t, scale, tolerance)
             if bool(disagree.any()):
-                slack = _reference_slack(truth, o, p, t, tolerance.eps)
+                slack = _reference_slack(truth, o, p, t, tolerance.eps, moved_blocks)
                 if slack is not None:
                     slacks[(o, p)] = slack
                     disagree = judge.disagrees(a, t, scale, tolerance, slack)
             verdict[disagree] = int(Verdict.UNVERIFIABLE)  # pending finite differences
-            hit = disagree.any(dim=0)
-            disagree_cols[p] = hit if p not in disagree_cols else (disagree_cols[p] | hit)
         else:
             f, bar, kink = f_blocks[(o, p)]
             verdict = judge.finite_differences_only(a, f.double(), bar.double(), kink, scale, tolerance)
@@ -205,29 +233,7 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
         verdicts[(o, p)] = verdict
     seconds: dict[tuple[int, int], torch.Tensor] = {}
     if use_reference:
-        for p, hit in disagree_cols.items():
-            cols = torch.nonzero(hit).reshape(-1)
-            if not cols.numel():
-                continue
-            fd_columns += int(cols.numel())
-            numeric = fd.columns(p, cols)
-            for (o, q), verdict in verdicts.items():
-                if q != p:
-                    continue
-                pending = verdict[:, cols] == int(Verdict.UNVERIFIABLE)
-                if not bool(pending.any()):
-                    continue
-                slack = slacks.get((o, p))
-                sub = judge.with_reference(a_flat[(o, p)][:, cols], t_flat[(o, p)][:, cols],
-                                           numeric.estimates[o].double(), numeric.bars[o].double(),
-                                           numeric.kinks[o], scales[(o, p)][:, cols], tolerance,
-                                           slack[:, cols] if slack is not None else None)
-                current = verdict[:, cols]
-                current[pending] = sub[pending]
-                verdict[:, cols] = current
-                second = torch.full(t_flat[(o, p)].shape, math.nan, dtype=torch.float64)
-                second[:, cols] = numeric.estimates[o].double()
-                seconds[(o, p)] = second
+        fd_columns += _second_truth_dense(fd, tolerance, verdicts, a_flat, t_flat, scales, slacks, seconds, leaves)
     else:
         fd_columns += _confirm(fd, verdicts, a_flat, scales, tolerance)
         fd_columns += _fd_slack(truth, verdicts, a_flat, t_flat, f_blocks, scales, slacks, tolerance)
@@ -245,13 +251,76 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
     return comparisons, fd_columns
 
 
-def _reference_slack(truth: Truth, o: int, p: int, t: torch.Tensor, eps: float) -> torch.Tensor | None:
+def _second_truth_dense(fd: FiniteDifferences, tolerance: Tolerance, verdicts: dict[tuple[int, int], torch.Tensor],
+                        a_flat: dict[tuple[int, int], torch.Tensor], t_flat: dict[tuple[int, int], torch.Tensor],
+                        scales: dict[tuple[int, int], torch.Tensor], slacks: dict[tuple[int, int], torch.Tensor],
+                        seconds: dict[tuple[int, int], torch.Tensor], leaves: dict[int, torch.Tensor]) -> int:
+    """Finite differences at the entries pending a second truth (A disagrees with R), one input
+    at a time over every output, compressed where the blocks' pattern allows
+    (numerics.colouring); their verdicts by numerics.judge.with_reference. Returns the number of
+    directions differenced."""
+    offsets = fd.row_offsets()
+    directions = 0
+    for p in leaves:
+        keys = [(o, q) for (o, q) in verdicts if q == p]
+        parts, pattern_rows, pattern_cols = [], [], []
+        for key in keys:
+            o = key[0]
+            pending = verdicts[key] == int(Verdict.UNVERIFIABLE)
+            if not bool(pending.any()):
+                continue
+            r, c = torch.nonzero(pending, as_tuple=True)
+            slack = slacks.get(key)
+            parts.append((key, r, c, slack[r, c] if slack is not None else None))
+            hot = torch.nonzero(pending.any(dim=1)).reshape(-1)
+            pr, pc = torch.nonzero((a_flat[key][hot] != 0) | (t_flat[key][hot] != 0), as_tuple=True)
+            pattern_rows.append(offsets[o] + hot[pr])
+            pattern_cols.append(pc)
+        if not parts:
+            continue
+        with_slack = any(part[3] is not None for part in parts)
+        judged = Judged(
+            rows=torch.cat([offsets[key[0]] + r for key, r, _, _ in parts]),
+            cols=torch.cat([c for _, _, c, _ in parts]),
+            a=torch.cat([a_flat[key][r, c] for key, r, c, _ in parts]),
+            t=torch.cat([t_flat[key][r, c] for key, r, c, _ in parts]),
+            scale=torch.cat([scales[key][r, c] for key, r, c, _ in parts]),
+            slack=torch.cat([s if s is not None else torch.zeros(r.numel(), dtype=torch.float64)
+                             for _, r, _, s in parts]) if with_slack else None)
+        second = second_truth(fd, p, judged, tolerance, pattern=(torch.cat(pattern_rows), torch.cat(pattern_cols)),
+                              max_columns=MAX_CONFIRM_COLUMNS, seed=fd.seed)
+        directions += second.columns
+        offset = 0
+        for key, r, c, _ in parts:
+            k = int(r.numel())
+            done = second.computed[offset:offset + k]
+            values, bars = second.values[offset:offset + k], second.bars[offset:offset + k]
+            kinks = second.kinks[offset:offset + k]
+            rd, cd = r[done], c[done]
+            slack = slacks.get(key)
+            verdict = judge.with_reference(a_flat[key][rd, cd], t_flat[key][rd, cd], values[done], bars[done],
+                                           kinks[done], scales[key][rd, cd], tolerance,
+                                           slack[rd, cd] if slack is not None else None)
+            verdicts[key][rd, cd] = verdict
+            second_block = torch.full(t_flat[key].shape, math.nan, dtype=torch.float64)
+            second_block[rd, cd] = values[done]
+            seconds[key] = second_block
+            offset += k
+    return directions
+
+
+def _reference_slack(truth: Truth, o: int, p: int, t: torch.Tensor, eps: float,
+                     cache: dict[int, dict[int, torch.Tensor]] | None = None) -> torch.Tensor | None:
     if eps < SLACK_MIN_EPS:
         return None
     moved = truth.perturbed()
     if moved is None or moved.reference.source is None:
         return None
-    block = moved.reference.source.blocks(o)[p].reshape(t.shape).double()
+    if cache is None:
+        cache = {}
+    if o not in cache:  # one pass over output o's rows gives every input's block
+        cache[o] = moved.reference.source.blocks(o)
+    block = cache[o][p].reshape(t.shape).double()
     return SLACK_FACTOR * (block - t).abs().nan_to_num(0.0, 0.0, 0.0)
 
 

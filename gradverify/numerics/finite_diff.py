@@ -2,8 +2,8 @@
 
 Every estimate is a central difference D(h) = (f(x + h d) - f(x - h d)) / 2h along a direction
 d (a unit vector e_j for a Jacobian column; its tangent-space projection for a constrained
-input; a random vector for a probe; a sum of columns for a compressed group), refined in a
-Richardson (Neville) tableau over the steps h, h/2, h/4, ...:
+input; a random vector for a probe; a weighted sum of columns for a compressed group), refined
+in a Richardson (Neville) tableau over the steps h, h/2, h/4, ...:
 
     T[0][l] = D(h / 2^l),   T[m][l] = (4^m T[m-1][l] - T[m-1][l-1]) / (4^m - 1)
 
@@ -13,7 +13,10 @@ estimate with the smallest error wins, and that error is its bar. Levels are add
 an entry's bar is still above the target the caller asks for (MAX_LEVELS at most): the usual
 function converges at three levels, one that varies faster than the first step takes more,
 and one that never settles (a kink, a function the steps cannot resolve) keeps a large bar,
-which the comparison then reads as "not judged" instead of inventing a verdict.
+which the comparison then reads as "not judged" instead of inventing a verdict. A caller that
+knows which entries it will judge, and how close their verdicts are, passes those entries and
+an absolute bar per entry (`entries`): only they are post-processed, and a direction is
+refined only while one of *its* judged entries is undecided.
 
 Steps come from the tensor's own magnitude, so a verdict never depends on units: the first
 step for entry j is eps**(1/5) * max(|x_j|, 1e-3 * rms(x)) (Richardson's O(h^4) truncation and
@@ -46,6 +49,10 @@ SHRINK = 8.0
 MAX_SHRINKS = 6
 # Floor of the first step, relative to the tensor's rms, for entries at or near zero.
 RELATIVE_FLOOR = 1e-3
+# Working bytes per judged entry while its tableau is alive: a difference and a rounding bound
+# per level, the last three differences and two gaps, and the tableau's temporaries (float64),
+# plus its direction and row indices.
+ENTRY_BYTES = 8 * (2 * MAX_LEVELS + 14)
 
 
 @dataclass
@@ -59,14 +66,30 @@ class Columns:
 
 
 @dataclass
-class _Table:
-    """One chunk's tableau: per level a (k, M) tensor of central differences (NaN for directions
-    not refined at that level) and their rounding; per direction its last three central
-    differences and last two one-sided gaps (for the convergence and kink tests)."""
+class Estimates:
+    """Derivatives at chosen entries (a direction, an output row): one value per entry."""
 
+    values: torch.Tensor
+    bars: torch.Tensor
+    kinks: torch.Tensor
+    evaluations: int = 0
+
+
+@dataclass
+class _Table:
+    """The tableau of one chunk of directions, one column per judged entry (flat).
+
+    owner: each entry's direction (local to the chunk); col_scale: per direction, the largest
+    finite |central difference| over *every* output row at its latest level (the scale the
+    convergence and kink tests compare with, whichever entries are judged); per level the
+    entries' central differences (NaN where the direction was not refined at that level) and
+    their rounding; per entry its last three central differences and last two one-sided gaps."""
+
+    owner: torch.Tensor
+    col_scale: torch.Tensor
     d: list[torch.Tensor] = field(default_factory=list)
     floor: list[torch.Tensor] = field(default_factory=list)
-    recent: list[torch.Tensor] = field(default_factory=list)  # [D_L, D_L-1, D_L-2] per direction
+    recent: list[torch.Tensor] = field(default_factory=list)  # [D_L, D_L-1, D_L-2] per entry
     last_gap: torch.Tensor | None = None
     prev_gap: torch.Tensor | None = None
     last_floor: torch.Tensor | None = None
@@ -78,10 +101,9 @@ def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) ->
     sequence 1 starts at 3/4 of sequence 0's step: its sample points are none of the first
     sequence's, so an estimate that only looks converged by aliasing (steps resonating with an
     oscillation, sin(1e5 x)) does not survive both."""
-    eps = torch.finfo(x.dtype if x.is_floating_point() else torch.float64).eps
+    eps = _eps(x)
     flat = x.detach().reshape(-1).abs().to(torch.float64)
-    rms = float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0
-    typical = rms if rms > 0 else 1.0
+    typical = _typical(flat)
     d = directions.abs().to(torch.float64)
     support = d > 0
     # The magnitude of x over each direction's support.
@@ -90,6 +112,23 @@ def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) ->
     d_norm = d.amax(dim=1).clamp_min(1e-300)
     raw = eps ** 0.2 * mag / d_norm
     return torch.exp2(torch.round(torch.log2(raw))) * (0.75 if sequence else 1.0)
+
+
+def unit_steps(x: torch.Tensor, cols: torch.Tensor, sequence: int = 0) -> torch.Tensor:
+    """first_steps for the unit directions e_j, j in `cols`, without forming them."""
+    eps = _eps(x)
+    flat = x.detach().reshape(-1).abs().to(torch.float64)
+    mag = torch.clamp(flat[cols.to(torch.long)], min=RELATIVE_FLOOR * _typical(flat))
+    return torch.exp2(torch.round(torch.log2(eps ** 0.2 * mag))) * (0.75 if sequence else 1.0)
+
+
+def _eps(x: torch.Tensor) -> float:
+    return torch.finfo(x.dtype if x.is_floating_point() else torch.float64).eps
+
+
+def _typical(flat_abs: torch.Tensor) -> float:
+    rms = float(flat_abs.pow(2).mean().sqrt()) if flat_abs.numel() else 0.0
+    return rms if rms > 0 else 1.0
 
 
 def _tableau(table: _Table) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,24 +158,16 @@ def _tableau(table: _Table) -> tuple[torch.Tensor, torch.Tensor]:
     return best, best_err
 
 
-def add_level(table: _Table, plus: torch.Tensor, minus: torch.Tensor, f0: torch.Tensor, h: torch.Tensor,
-              eps: float, active: torch.Tensor | None) -> None:
-    """Append one level (f(x + h d), f(x - h d) for each direction; NaN rows where not refined)."""
-    hh = h.reshape(-1, 1)
-    d = (plus - minus) / (2 * hh)
-    gap = (plus + minus - 2 * f0.unsqueeze(0)).abs() / hh
-    scale = torch.maximum(torch.maximum(plus.abs(), minus.abs()), f0.abs().unsqueeze(0))
-    floor = 4 * eps * scale / hh
+def add_level(table: _Table, d: torch.Tensor, gap: torch.Tensor, floor: torch.Tensor,
+              active: torch.Tensor | None) -> None:
+    """Append one level: each entry's central difference, one-sided gap |f+ + f- - 2 f0| / h and
+    rounding bound (NaN for entries whose direction was not refined; `active` marks the others)."""
     table.d.append(d)
     table.floor.append(floor)
     if table.last_gap is None:
         table.last_gap, table.last_floor, table.recent = gap, floor, [d]
         return
-    mask = torch.ones(d.shape[0], dtype=torch.bool)
-    if active is not None:
-        mask = torch.zeros(d.shape[0], dtype=torch.bool)
-        mask[active] = True
-    m = mask.reshape(-1, 1)
+    m = torch.ones_like(d, dtype=torch.bool) if active is None else active
     assert table.last_floor is not None
     previous = table.prev_gap if table.prev_gap is not None else table.last_gap
     table.prev_gap = torch.where(m, table.last_gap, previous)
@@ -150,7 +181,7 @@ def add_level(table: _Table, plus: torch.Tensor, minus: torch.Tensor, f0: torch.
 def asymptotic(table: _Table, eps: float) -> torch.Tensor:
     """Whether each entry's central differences behave like D + c h^2 at the finest levels:
     successive differences shrink by about 4 when h halves, or the estimates have settled (they
-    differ by less than sqrt(eps)/16 of the column's scale -- rounding, including the rounding
+    differ by less than sqrt(eps)/16 of the direction's scale -- rounding, including the rounding
     of a forward that cancels, which the 4 eps |f| / h floor does not see). Before that regime
     Richardson's error estimate means nothing: a step larger than the scale the function varies
     on (|x| at 1e-9) gives estimates that agree with each other and not with the derivative.
@@ -161,7 +192,7 @@ def asymptotic(table: _Table, eps: float) -> torch.Tensor:
     newer = (d_last - d_prev).abs()
     older = (d_prev - d_prev2).abs()
     finite = torch.where(torch.isfinite(d_last), d_last.abs(), torch.zeros_like(d_last))
-    column = finite.amax(dim=1, keepdim=True)
+    column = table.col_scale[table.owner]
     settled = newer <= (eps ** 0.5 / 16) * torch.maximum(finite, column)
     return (newer <= 0.5 * older) | (newer <= 4 * table.last_floor) | settled
 
@@ -171,7 +202,7 @@ def kinks_of(table: _Table, best: torch.Tensor) -> torch.Tensor:
     is not a 1e-6 relative wobble, and stands well above rounding."""
     if table.prev_gap is None or table.last_gap is None or table.last_floor is None:
         return torch.zeros_like(best, dtype=torch.bool)
-    scale = best.abs().amax(dim=1, keepdim=True)
+    scale = table.col_scale[table.owner]
     return (table.last_gap > 0.75 * table.prev_gap) & \
         (table.last_gap > 1e-6 * torch.maximum(best.abs(), scale)) & (table.last_gap > 16 * table.last_floor)
 
@@ -187,6 +218,64 @@ def finish(table: _Table, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch
     return best, err, kink
 
 
+def _finite_abs_max(values: torch.Tensor, dim: int) -> torch.Tensor:
+    finite = torch.where(torch.isfinite(values), values.abs(), torch.zeros_like(values))
+    return finite.amax(dim=dim) if finite.shape[dim] else torch.zeros(finite.shape[:dim], dtype=finite.dtype)
+
+
+# Evaluates one level for the given directions (local indices) at steps h: (f(x + h d), f(x - h d)).
+LevelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# From one level's outputs: the entries' (d, gap, floor), which entries those were, and the
+# per-direction scale of the refined directions.
+ExtractFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def refine(level: LevelFn, extract: ExtractFn, owner: torch.Tensor, k: int, steps: torch.Tensor,
+           f0: torch.Tensor, eps: float, *, limits: torch.Tensor | None,
+           target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adaptive tableau for k directions and the entries they own: first level (with steps
+    shrunk where they leave the domain), then finer levels for the directions whose entries are
+    not settled yet. `limits`: each entry's absolute bar target (else `target` relative)."""
+    everyone = torch.arange(k)
+    plus, minus = level(everyone, steps)
+    for _ in range(MAX_SHRINKS):
+        bad = ~(torch.isfinite(plus) & torch.isfinite(minus)) & torch.isfinite(f0).unsqueeze(0)
+        rows = bad.any(dim=1)
+        if not bool(rows.any()):
+            break
+        steps = torch.where(rows, steps / SHRINK, steps)
+        idx = torch.nonzero(rows).reshape(-1)
+        p2, m2 = level(idx, steps[idx])
+        plus[idx], minus[idx] = p2, m2
+    table = _Table(owner=owner, col_scale=torch.zeros(k, dtype=torch.float64))
+    d, gap, floor, _, scale = extract(plus, minus, everyone, steps)
+    table.col_scale = scale
+    add_level(table, d, gap, floor, None)
+    del plus, minus
+    for depth in range(1, MAX_LEVELS):
+        h = steps / (2.0 ** depth)
+        todo = everyone
+        if depth >= START_LEVELS:
+            best, err = _tableau(table)
+            if limits is None:
+                limit = target * torch.maximum(best.abs(), 1e-2 * table.col_scale[owner])
+            else:
+                limit = limits
+            unsettled = (err > limit) | ~asymptotic(table, eps)
+            wanted = torch.zeros(k, dtype=torch.bool)
+            wanted[owner[unsettled]] = True
+            if not bool(wanted.any()):
+                break
+            todo = torch.nonzero(wanted).reshape(-1)
+        plus, minus = level(todo, h[todo])
+        d, gap, floor, active, scale = extract(plus, minus, todo, h[todo])
+        table.col_scale[todo] = scale
+        add_level(table, d, gap, floor, None if todo.numel() == k else active)
+        del plus, minus
+    return finish(table, eps)
+
+
 class FiniteDifferences:
     """Directional derivatives of the op's outputs at fixed (float64 where possible) inputs.
 
@@ -194,7 +283,10 @@ class FiniteDifferences:
     constrained input), memoised, batched over perturbations where the forward body allows
     (vmap, checked against plain calls once), else plain calls.
     directions(p, D): the same along arbitrary directions (rows of D), e.g. compressed groups.
-    directional({p: v}): J v along a joint direction over every input (probes, validation).
+    entries(p, D, owner, rows): only the entries (direction owner[e], output row rows[e]) the
+    caller judges, with a bar target per entry: the cheap way to a second truth.
+    directional({p: v}) / contracted({p: v}, u): J v along a joint direction over every input,
+    whole or contracted with cotangents u (memory of a few outputs, whatever their size).
     """
 
     def __init__(self, evaluate: Evaluator, args: Sequence[Any], diff_positions: Sequence[int],
@@ -217,6 +309,7 @@ class FiniteDifferences:
         self._memo: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._memo_bytes = 0
         self.out_sizes = [int(f.numel()) for f in self.f0]
+        self._f0_flat: torch.Tensor | None = None
 
     @property
     def path(self) -> str:
@@ -226,6 +319,26 @@ class FiniteDifferences:
     def dtype(self) -> torch.dtype:
         return next((a.dtype for a in self.args if isinstance(a, torch.Tensor) and a.is_floating_point()),
                     torch.float64)
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.dtype).eps
+
+    @property
+    def f0_flat(self) -> torch.Tensor:
+        """Every output at x, flattened and stacked (float64): row r of the stacked Jacobian."""
+        if self._f0_flat is None:
+            self._f0_flat = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0]) if self.f0 else \
+                torch.zeros(0, dtype=torch.float64)
+        return self._f0_flat
+
+    def row_offsets(self) -> dict[int, int]:
+        """Where each output's rows start in the stacked rows."""
+        offsets, start = {}, 0
+        for o, size in zip(self.out_positions, self.out_sizes):
+            offsets[o] = start
+            start += size
+        return offsets
 
     # --- column access ----------------------------------------------------------------------
 
@@ -249,6 +362,8 @@ class FiniteDifferences:
         cols = cols.reshape(-1).to(torch.long)
         todo = [int(c) for c in cols.tolist() if (p, int(c), sequence) not in self._memo]
         before = self.evaluations
+        fresh_index: dict[int, int] = {}
+        stacked_e = stacked_b = stacked_k = torch.zeros(0)
         if todo:
             todo_t = torch.tensor(sorted(set(todo)), dtype=torch.long)
             fresh = self.directions(p, self.unit_directions(p, todo_t), sequence=sequence)
@@ -263,9 +378,6 @@ class FiniteDifferences:
                                                 stacked_k[:, k].clone())
                 self._memo_bytes += per_column
             fresh_index = {c: k for k, c in enumerate(todo_t.tolist())}
-        else:
-            fresh_index = {}
-            stacked_e = stacked_b = stacked_k = torch.zeros(0)
         est_cols, bar_cols, kink_cols = [], [], []
         for c in cols.tolist():
             if (p, c, sequence) in self._memo:
@@ -278,12 +390,18 @@ class FiniteDifferences:
             kink_cols.append(k)
         return self._split(est_cols, bar_cols, kink_cols, self.evaluations - before)
 
+    def memoised(self, p: int, col: int, sequence: int = 0) -> bool:
+        return (p, col, sequence) in self._memo
+
     def _split(self, est_cols: list[torch.Tensor], bar_cols: list[torch.Tensor], kink_cols: list[torch.Tensor],
                evaluations: int) -> Columns:
         m_total = sum(self.out_sizes)
         e = torch.stack(est_cols, dim=1) if est_cols else torch.zeros((m_total, 0), dtype=torch.float64)
         b = torch.stack(bar_cols, dim=1) if bar_cols else torch.zeros((m_total, 0), dtype=torch.float64)
         k = torch.stack(kink_cols, dim=1) if kink_cols else torch.zeros((m_total, 0), dtype=torch.bool)
+        return self._by_output(e, b, k, evaluations)
+
+    def _by_output(self, e: torch.Tensor, b: torch.Tensor, k: torch.Tensor, evaluations: int) -> Columns:
         estimates, bars, kinks = {}, {}, {}
         offset = 0
         for o, size in zip(self.out_positions, self.out_sizes):
@@ -294,77 +412,135 @@ class FiniteDifferences:
         return Columns(estimates, bars, kinks, evaluations)
 
     def directions(self, p: int, directions: torch.Tensor, target: float | None = None,
-                   sequence: int = 0) -> Columns:
+                   sequence: int = 0, *, steps: torch.Tensor | None = None) -> Columns:
         """Derivatives of every output along each row of `directions` ((k, n), flattened like x)."""
+        k = int(directions.shape[0])
+        m_total = sum(self.out_sizes)
+        got = self.entries(p, directions, None, None, target=target, sequence=sequence, steps=steps)
+        return self._by_output(got.values.reshape(k, m_total).T, got.bars.reshape(k, m_total).T,
+                               got.kinks.reshape(k, m_total).T, got.evaluations)
+
+    def entries(self, p: int, directions: torch.Tensor, owner: torch.Tensor | None, rows: torch.Tensor | None, *,
+                steps: torch.Tensor | None = None, limits: torch.Tensor | None = None, target: float | None = None,
+                sequence: int = 0) -> Estimates:
+        """Derivatives along the rows of `directions` at entries (owner[e], rows[e]) only, rows
+        indexing the stacked outputs (row_offsets). owner/rows None: every row of every direction,
+        direction-major. steps: each direction's first step (else from x's magnitude over its
+        support). limits: each entry's absolute bar target (else the relative target)."""
         x = self.args[p]
         k_total = int(directions.shape[0])
         m_total = sum(self.out_sizes)
-        chunk = self._chunk(x.numel(), m_total, x.element_size())
         target = self.target if target is None else target
-        parts_e, parts_b, parts_k = [], [], []
         before = self.evaluations
+        everything = owner is None
+        if everything:
+            e_total = k_total * m_total
+            per_dir = m_total
+        else:
+            assert owner is not None and rows is not None
+            owner = owner.reshape(-1).to(torch.long)
+            rows = rows.reshape(-1).to(torch.long)
+            e_total = int(owner.numel())
+            per_dir = max(1, e_total // max(1, k_total))
+        values = torch.empty(e_total, dtype=torch.float64)
+        bars = torch.empty(e_total, dtype=torch.float64)
+        kinks = torch.zeros(e_total, dtype=torch.bool)
+        if not e_total:
+            return Estimates(values, bars, kinks, 0)
+        chunk = self._chunk(x.numel(), m_total, x.element_size(), per_dir)
+        if everything:
+            for start in range(0, k_total, chunk):
+                stop = min(k_total, start + chunk)
+                kk = stop - start
+                local_owner = torch.arange(kk).repeat_interleave(m_total)
+                est, bar, kink = self._chunk_entries(
+                    p, directions[start:stop], local_owner, None,
+                    steps[start:stop] if steps is not None else None,
+                    limits[start * m_total:stop * m_total] if limits is not None else None, target, sequence)
+                values[start * m_total:stop * m_total] = est
+                bars[start * m_total:stop * m_total] = bar
+                kinks[start * m_total:stop * m_total] = kink
+            return Estimates(values, bars, kinks, self.evaluations - before)
+        assert owner is not None and rows is not None
+        order = torch.argsort(owner, stable=True)
+        sorted_owner = owner[order]
+        bounds = torch.searchsorted(sorted_owner, torch.arange(0, k_total + 1, dtype=torch.long))
         for start in range(0, k_total, chunk):
-            d = directions[start:start + chunk]
-            est, bar, kink = self._directions_chunk(p, d, target, sequence)
-            parts_e.append(est.T)
-            parts_b.append(bar.T)
-            parts_k.append(kink.T)
-        e = torch.cat(parts_e, dim=1) if parts_e else torch.zeros((m_total, 0), dtype=torch.float64)
-        b = torch.cat(parts_b, dim=1) if parts_b else torch.zeros((m_total, 0), dtype=torch.float64)
-        kk = torch.cat(parts_k, dim=1) if parts_k else torch.zeros((m_total, 0), dtype=torch.bool)
-        return self._split(list(e.T), list(b.T), list(kk.T), self.evaluations - before)
+            stop = min(k_total, start + chunk)
+            lo, hi = int(bounds[start]), int(bounds[stop])
+            if lo == hi:
+                continue  # no entry judged along these directions: nothing to evaluate
+            pick = order[lo:hi]
+            used = torch.unique(sorted_owner[lo:hi])  # only directions that own entries
+            remap = torch.full((stop - start,), -1, dtype=torch.long)
+            remap[used - start] = torch.arange(int(used.numel()))
+            local_owner = remap[sorted_owner[lo:hi] - start]
+            est, bar, kink = self._chunk_entries(
+                p, directions[used], local_owner, rows[pick], steps[used] if steps is not None else None,
+                limits[pick] if limits is not None else None, target, sequence)
+            values[pick], bars[pick], kinks[pick] = est, bar, kink
+        return Estimates(values, bars, kinks, self.evaluations - before)
 
-    def _chunk(self, n: int, m_total: int, itemsize: int) -> int:
-        # Per direction and level: 2 perturbed copies of the input and 2 outputs, plus the
-        # tableau (a few (k, M) tensors); bounded by the chunk target and by the budget.
-        per_dir = 2 * max(1, n + m_total) * max(8, itemsize) + 8 * MAX_LEVELS * max(1, m_total)
+    def _chunk(self, n: int, m_total: int, itemsize: int, entries_per_dir: int) -> int:
+        # Per direction and level: 2 perturbed copies of the input and 2 outputs (float64), plus
+        # the tableau of the entries it owns; bounded by the chunk target and by the budget.
+        per_dir = 2 * max(1, n + m_total) * max(8, itemsize) + 8 * max(1, m_total) + ENTRY_BYTES * entries_per_dir
         cols = max(8, CHUNK_TARGET_BYTES // per_dir)
         cols = min(cols, max(1, self.max_bytes // (per_dir * WORKSPACE_FACTOR)))
         return max(1, cols)
 
     # --- the adaptive tableau for one chunk of directions ------------------------------------
 
-    def _directions_chunk(self, p: int, d: torch.Tensor, target: float,
-                          sequence: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _chunk_entries(self, p: int, d: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor | None,
+                       steps: torch.Tensor | None, limits: torch.Tensor | None, target: float,
+                       sequence: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.args[p]
         k = int(d.shape[0])
-        steps = first_steps(x, d, sequence)
-        f0 = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0])
-        eps = torch.finfo(self.dtype).eps
-        # Shrink where a step leaves the domain: re-evaluate the first level for those directions.
-        plus, minus = self._evaluate_level(p, d, steps)
-        for _ in range(MAX_SHRINKS):
-            bad = ~(torch.isfinite(plus) & torch.isfinite(minus)) & torch.isfinite(f0).unsqueeze(0)
-            rows = bad.any(dim=1)
-            if not bool(rows.any()):
-                break
-            steps = torch.where(rows, steps / SHRINK, steps)
-            idx = torch.nonzero(rows).reshape(-1)
-            p2, m2 = self._evaluate_level(p, d[idx], steps[idx])
-            plus[idx], minus[idx] = p2, m2
-        table = _Table()
-        add_level(table, plus, minus, f0, steps, eps, None)
-        for level in range(1, MAX_LEVELS):
-            h = steps / (2.0 ** level)
-            active = None
-            if level >= START_LEVELS:
-                best, err = _tableau(table)
-                scale = best.abs().amax(dim=1, keepdim=True)
-                limit = target * torch.maximum(best.abs(), 1e-2 * scale)
-                unsettled = ((err > limit) | ~asymptotic(table, eps)).any(dim=1)
-                if not bool(unsettled.any()):
-                    break
-                active = torch.nonzero(unsettled).reshape(-1)
-            if active is None or active.numel() == k:
-                plus, minus = self._evaluate_level(p, d, h)
-                add_level(table, plus, minus, f0, h, eps, None)
-            else:
-                p2, m2 = self._evaluate_level(p, d[active], h[active])
-                plus = torch.full((k, p2.shape[1]), math.nan, dtype=torch.float64)
-                minus = torch.full_like(plus, math.nan)
-                plus[active], minus[active] = p2, m2
-                add_level(table, plus, minus, f0, h, eps, active)
-        return finish(table, eps)
+        if steps is None:
+            steps = first_steps(x, d, sequence)
+        f0 = self.f0_flat
+        eps = self.eps
+        m_total = int(f0.numel())
+        f0_rows = f0 if rows is None else f0[rows]
+
+        def level(which: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._evaluate_level(p, d[which], h)
+
+        def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
+                    h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            hh = h.reshape(-1, 1)
+            scale = _finite_abs_max((plus - minus) / (2 * hh), 1)
+            if rows is None:
+                # Every row of every direction: entries are the (k, M) grid, direction-major.
+                if int(which.numel()) == k:
+                    pe, me, he, fe = plus, minus, hh, f0.unsqueeze(0)
+                    active = torch.ones(k * m_total, dtype=torch.bool)
+                else:
+                    pe = torch.full((k, m_total), math.nan, dtype=torch.float64)
+                    me = torch.full_like(pe, math.nan)
+                    pe[which], me[which] = plus, minus
+                    he = torch.ones((k, 1), dtype=torch.float64)
+                    he[which] = hh
+                    fe = f0.unsqueeze(0)
+                    active = torch.zeros((k, m_total), dtype=torch.bool)
+                    active[which] = True
+                    active = active.reshape(-1)
+                dd, gap, floor = _differences(pe, me, fe, he, eps)
+                return dd.reshape(-1), gap.reshape(-1), floor.reshape(-1), active, scale
+            position = torch.full((k,), -1, dtype=torch.long)
+            position[which] = torch.arange(int(which.numel()))
+            slot = position[owner]
+            active = slot >= 0
+            pe = torch.full(owner.shape, math.nan, dtype=torch.float64)
+            me = torch.full_like(pe, math.nan)
+            he = torch.ones(owner.shape, dtype=torch.float64)
+            pe[active] = plus[slot[active], rows[active]]
+            me[active] = minus[slot[active], rows[active]]
+            he[active] = h[slot[active]]
+            dd, gap, floor = _differences(pe, me, f0_rows, he, eps)
+            return dd, gap, floor, active, scale
+
+        return refine(level, extract, owner, k, steps, f0, eps, limits=limits, target=target)
 
     def _evaluate_level(self, p: int, d: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f(x + h d) and f(x - h d) for each row of d: two (k, M) tensors (outputs flattened)."""
@@ -373,10 +549,12 @@ class FiniteDifferences:
         flat = x.detach().reshape(-1)
         delta = (h.reshape(-1, 1) * d).to(flat.dtype)
         X = torch.cat([flat.unsqueeze(0) + delta, flat.unsqueeze(0) - delta]).reshape(2 * k, *x.shape)
+        del delta
         if self.batched is not None:
             try:
                 outs = self.batched(self.args, p, X)
                 F = torch.cat([o.reshape(2 * k, -1).to(torch.float64) for o in outs], dim=1)
+                del outs
                 if not self._verified:
                     self._verify(p, X, F)
                 self.evaluations += 2 * k
@@ -388,14 +566,13 @@ class FiniteDifferences:
                 self.batched = None
                 text = str(exc.original).strip().splitlines()[0] if str(exc.original).strip() else ""
                 self.fallback_reason = f"{type(exc.original).__name__}: {text.split('. ')[0][:160]}"
-        rows = []
+        F = torch.empty((2 * k, sum(self.out_sizes)), dtype=torch.float64)
         for b in range(2 * k):
             call = list(self.args)
             call[p] = X[b]
             outs = self.evaluate(call)
-            rows.append(torch.cat([o.reshape(-1).to(torch.float64) for o in outs]))
+            F[b] = torch.cat([o.reshape(-1).to(torch.float64) for o in outs]) if outs else F[b]
         self.evaluations += 2 * k
-        F = torch.stack(rows) if rows else torch.zeros((0, sum(self.out_sizes)), dtype=torch.float64)
         return F[:k], F[k:]
 
     def _verify(self, p: int, X: torch.Tensor, F: torch.Tensor) -> None:
@@ -408,7 +585,7 @@ class FiniteDifferences:
         plain = torch.cat([o.reshape(-1).to(torch.float64) for o in self.evaluate(call)])
         self.evaluations += 1
         batched = F[pick]
-        eps = torch.finfo(self.dtype).eps
+        eps = self.eps
         scale = torch.maximum(plain.abs(), batched.abs())
         both_finite = torch.isfinite(plain) & torch.isfinite(batched)
         if bool((torch.isfinite(plain) != torch.isfinite(batched)).any()) or \
@@ -419,11 +596,9 @@ class FiniteDifferences:
 
     # --- joint directions over every input ---------------------------------------------------
 
-    def directional(self, directions: dict[int, torch.Tensor], target: float | None = None,
-                    sequence: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """d/dt f(x + t v) at t = 0 for a direction over every input, with error bars (plain calls)."""
-        target = self.target if target is None else target
-        eps = torch.finfo(self.dtype).eps
+    def _joint(self, directions: dict[int, torch.Tensor], sequence: int) -> tuple[dict[int, torch.Tensor], float]:
+        """The direction projected onto each input's tangent space, and its first step."""
+        eps = self.eps
         projected = {}
         for p, v in directions.items():
             v = v.to(torch.float64)
@@ -437,8 +612,9 @@ class FiniteDifferences:
             norms.append(float(v.abs().max()) if v.numel() else 0.0)
         v_norm = max(norms) or 1.0
         h = 2.0 ** round(math.log2(eps ** 0.2 * max(mags) / v_norm)) * (0.75 if sequence else 1.0)
-        f0 = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0])
+        return projected, h
 
+    def _joint_level(self, projected: dict[int, torch.Tensor]) -> LevelFn:
         def at(t: float) -> torch.Tensor:
             call = list(self.args)
             for p, v in projected.items():
@@ -446,29 +622,80 @@ class FiniteDifferences:
             self.evaluations += 1
             return torch.cat([o.reshape(-1).to(torch.float64) for o in self.evaluate(call)])
 
-        plus, minus = at(h), at(-h)
-        for _ in range(MAX_SHRINKS):
-            if bool((torch.isfinite(plus) & torch.isfinite(minus) | ~torch.isfinite(f0)).all()):
-                break
-            h /= SHRINK
-            plus, minus = at(h), at(-h)
-        table = _Table()
-        steps = torch.tensor([h], dtype=torch.float64)
-        add_level(table, plus.unsqueeze(0), minus.unsqueeze(0), f0, steps, eps, None)
-        for level in range(1, MAX_LEVELS):
-            if level >= START_LEVELS:
-                best, err = _tableau(table)
-                scale = best.abs().amax(dim=1, keepdim=True)
-                if not bool(((err > target * torch.maximum(best.abs(), 1e-2 * scale)) | ~asymptotic(table, eps)).any()):
-                    break
-            hl = h / 2.0 ** level
-            add_level(table, at(hl).unsqueeze(0), at(-hl).unsqueeze(0), f0, steps / 2.0 ** level, eps, None)
-        best, err, kink = finish(table, eps)
+        def level(which: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            step = float(h.reshape(-1)[0])
+            return at(step).unsqueeze(0), at(-step).unsqueeze(0)
+
+        return level
+
+    def directional(self, directions: dict[int, torch.Tensor], target: float | None = None,
+                    sequence: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """d/dt f(x + t v) at t = 0 for a direction over every input, with error bars per output
+        entry (plain calls). Holds a tableau per output entry: for large outputs use contracted."""
+        target = self.target if target is None else target
+        projected, h = self._joint(directions, sequence)
+        f0 = self.f0_flat
+        eps = self.eps
+
+        def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
+                    hs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            dd, gap, floor = _differences(plus[0], minus[0], f0, hs.reshape(1)[0].reshape(1), eps)
+            return dd, gap, floor, torch.ones_like(dd, dtype=torch.bool), _finite_abs_max(dd.unsqueeze(0), 1)
+
+        owner = torch.zeros(int(f0.numel()), dtype=torch.long)
+        best, err, _ = refine(self._joint_level(projected), extract, owner, 1, torch.tensor([h], dtype=torch.float64),
+                              f0, eps, limits=None, target=target)
         estimates, bars = [], []
         offset = 0
         for f in self.f0:
             size = int(f.numel())
-            estimates.append(best[0, offset:offset + size].reshape(f.shape))
-            bars.append(err[0, offset:offset + size].reshape(f.shape))
+            estimates.append(best[offset:offset + size].reshape(f.shape))
+            bars.append(err[offset:offset + size].reshape(f.shape))
             offset += size
         return tuple(estimates), tuple(bars)
+
+    def contracted(self, directions: dict[int, torch.Tensor], cotangents: dict[int, torch.Tensor],
+                   target: float | None = None, sequence: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_b . (J v) for a direction v over every input and cotangents u_b ({o: (B, *out.shape)}),
+        with error bars: the tableau runs on the B scalars u_b . D(h), so memory stays a few
+        outputs whatever their size. Each scalar's rounding bound is sum_i |u_bi| 4 eps |f_i| / h
+        (the rounding of every output entry it sums), its scale for the convergence and kink
+        tests sum_i |u_bi D_i| (the size of the terms, not of their possibly cancelled sum)."""
+        target = self.target if target is None else target
+        projected, h = self._joint(directions, sequence)
+        f0 = self.f0_flat
+        eps = self.eps
+        batch = next(iter(cotangents.values())).shape[0]
+        u = torch.zeros((batch, int(f0.numel())), dtype=torch.float64)
+        for o, offset in self.row_offsets().items():
+            if o in cotangents:
+                size = self.out_sizes[self.out_positions.index(o)]
+                u[:, offset:offset + size] = cotangents[o].reshape(batch, -1).to(torch.float64)
+        u_abs = u.abs()
+
+        def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
+                    hs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            step = hs.reshape(-1)[0]
+            central = (plus[0] - minus[0]) / (2 * step)
+            finite = torch.isfinite(central)
+            dd = u @ torch.where(finite, central, torch.zeros_like(central))
+            dd = torch.where(finite.all(), dd, torch.full_like(dd, math.nan))
+            gap = (u @ (plus[0] + minus[0] - 2 * f0)).abs() / step
+            bound = torch.maximum(torch.maximum(plus[0].abs(), minus[0].abs()), f0.abs())
+            floor = u_abs @ (4 * eps * bound / step)
+            size = (u_abs @ torch.where(finite, central.abs(), torch.zeros_like(central))).amax().reshape(1)
+            return dd, gap, floor, torch.ones_like(dd, dtype=torch.bool), size
+
+        owner = torch.zeros(batch, dtype=torch.long)
+        best, err, _ = refine(self._joint_level(projected), extract, owner, 1, torch.tensor([h], dtype=torch.float64),
+                              f0, eps, limits=None, target=target)
+        return best, err
+
+
+def _differences(plus: torch.Tensor, minus: torch.Tensor, f0: torch.Tensor, h: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Central difference, one-sided gap |f+ + f- - 2 f0| / h and rounding 4 eps max|f| / h."""
+    d = (plus - minus) / (2 * h)
+    gap = (plus + minus - 2 * f0).abs() / h
+    floor = 4 * eps * torch.maximum(torch.maximum(plus.abs(), minus.abs()), f0.abs()) / h
+    return d, gap, floor

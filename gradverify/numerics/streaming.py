@@ -1,31 +1,56 @@
 """The full (every entry) comparison for Jacobians too large to hold: row chunks, bounded memory.
 
 Rows of the analytic Jacobian and of the reference are produced in chunks (batched VJPs) and
-compared at once; only per-block statistics, a binned map of where non-zero entries sit, and
-the entries that disagree with the reference are kept. Finite differences are then computed at
-the input columns holding those entries -- as many as the memory budget allows; beyond that
-the count of confirmed mismatches is a lower bound and the report says so -- and an entry is
-accused only if it disagrees with them too (numerics.judge).
+compared at once; only per-block statistics, a binned map of where non-zero entries sit (the
+heatmap), the entries that disagree with the reference and the sparsity pattern of the rows
+holding them are kept -- each within a share of --max-memory. Finite differences then judge
+those entries (numerics.colouring: compressed groups, one column at a time where a group cannot
+decide), and an entry is accused only if it disagrees with them too (numerics.judge).
+
+When the budget allows no more -- more disagreeing entries than it can keep, or more columns
+than the cross-check may difference -- the check degrades instead of growing: the count of
+mismatches becomes a lower bound ("at least N"), the entries listed are a sample, and the report
+says so.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS, heatmap_from_codes, unravel
+from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.vjp import VjpSource
-from gradverify.report import CheckResult, Diagnosis, Mismatch
+from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
 
 if TYPE_CHECKING:
     from gradverify.checks.base import CaseContext, Truth
 
 LETTERS = "ijklmnpqrstuvw"
+
+# One kept entry: row and column (int64), A, R, scale and slack (float64) = 48 bytes, plus its
+# share of judging them all at once (second truth, bar, verdict, allowed, error: ~110 bytes).
+STORE_BYTES_PER_ENTRY = 160
+# The sparsity pattern of the rows holding kept entries (int32 row and column per non-zero) may
+# take this share of the budget; beyond it compression is off for that input (it is only worth
+# it for sparse rows anyway) and columns are differenced one by one.
+PATTERN_SHARE = 8
+PATTERN_BYTES_PER_PAIR = 8
+
+
+class OverBudget(Exception):
+    """The full check would take longer than `auto` allows (measured on the first rows)."""
+
+    def __init__(self, estimate_s: float, measured: str) -> None:
+        super().__init__(f"{estimate_s:.0f} s")
+        self.estimate_s = estimate_s
+        self.measured = measured
 
 
 @dataclass
@@ -42,6 +67,7 @@ class _Block:
     a: list[torch.Tensor] = field(default_factory=list)
     t: list[torch.Tensor] = field(default_factory=list)
     scale: list[torch.Tensor] = field(default_factory=list)
+    slack: list[torch.Tensor] = field(default_factory=list)
     nonzero: torch.Tensor | None = None
 
     @property
@@ -57,24 +83,60 @@ class _Block:
         return self.m * self.n
 
 
-def _bins(size: int, limit: int) -> int:
-    return min(size, limit)
+@dataclass
+class _Store:
+    """What the pass keeps, with its budget."""
+
+    entry_cap: int
+    pattern_cap: int
+    stored: int = 0
+    overflow: int = 0
+    patterns: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    pattern_pairs: dict[int, int] = field(default_factory=dict)
+    pattern_ok: dict[int, bool] = field(default_factory=dict)
+
+    def keep_pattern(self, p: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        if not self.pattern_ok.get(p, True):
+            return
+        used = self.pattern_pairs.get(p, 0) + int(rows.numel())
+        if sum(self.pattern_pairs.values()) + int(rows.numel()) > self.pattern_cap:
+            self.pattern_ok[p] = False
+            self.patterns[p] = []
+            self.pattern_pairs[p] = 0
+            return
+        self.patterns.setdefault(p, []).append((rows.to(torch.int32), cols.to(torch.int32)))
+        self.pattern_pairs[p] = used
+
+    def pattern(self, p: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.pattern_ok.get(p, True):
+            return None
+        parts = self.patterns.get(p, [])
+        if not parts:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat([r for r, _ in parts]).to(torch.long), torch.cat([c for _, c in parts]).to(torch.long)
 
 
-def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: int) -> CheckResult:
-    from gradverify.checks.jacobian import assemble, norm_test
+def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: int, *,
+                   time_limit: float | None = None, mode_note: str = "") -> CheckResult:
+    """Every entry, row chunk by row chunk. time_limit (auto mode): raise OverBudget as soon as
+    the pass, extrapolated from the rows done, would take longer."""
+    from gradverify.checks.jacobian import SLACK_FACTOR, SLACK_MIN_EPS, assemble, norm_test
 
     reference = truth.reference.source
     assert reference is not None
     tolerance = ctx.tolerance
+    budget = ctx.settings.max_memory
     leaves = dict(analytic.leaves)
+    offsets = truth.fd.row_offsets()
     blocks = {(o, p): _Block(o, p, tuple(out.shape), tuple(leaves[p].shape))
               for o, out in analytic.outputs.items() for p in leaves}
-    # Each kept entry costs ~5 numbers plus the temporaries of judging it: 96 bytes per entry.
-    store_cap = max(10_000, ctx.settings.max_memory // 96)
-    stored = 0
-    overflow = 0
+    store = _Store(entry_cap=max(10_000, budget // STORE_BYTES_PER_ENTRY),
+                   pattern_cap=max(100_000, budget // PATTERN_SHARE // PATTERN_BYTES_PER_PAIR))
+    slack_wanted = tolerance.eps >= SLACK_MIN_EPS
     chunks = 0
+    started = time.perf_counter()
+    rows_total = sum(max(1, out.numel()) for out in analytic.outputs.values())
+    rows_done = 0
     for o, out in analytic.outputs.items():
         m = max(1, out.numel())
         step = min(analytic.rows_per_chunk(o), reference.rows_per_chunk(o))
@@ -82,6 +144,7 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
             stop = min(m, start + step)
             a_rows = analytic.rows(o, start, stop)
             t_rows = reference.rows(o, start, stop)
+            moved: dict[int, torch.Tensor] | None = None
             chunks += 1
             for p in leaves:
                 st = blocks[(o, p)]
@@ -92,148 +155,211 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
                 _mark_nonzero(st, t, a, start)
                 finite_t = torch.where(torch.isfinite(t), t.abs(), torch.zeros_like(t))
                 row_max = finite_t.amax(dim=1)
+                del finite_t
                 st.max_truth = max(st.max_truth, float(row_max.max()))
-                # Rows whose truth is all zero take the block's largest entry seen so far; the
-                # entries kept from them are judged again with the final one at the end.
-                scale = torch.where(row_max > 0, row_max, torch.full_like(row_max, st.max_truth or 1.0))
+                # Rows whose truth is all zero take the block's largest entry seen so far (0 before
+                # any: every non-zero A there is kept); the entries kept from them are judged again
+                # with the final fallback at the end (numerics.tolerance: block, case, units).
+                scale = torch.where(row_max > 0, row_max, torch.full_like(row_max, st.max_truth))
                 scale = scale.unsqueeze(1).expand_as(t)
+                row_scale = row_max.unsqueeze(1).expand_as(t)
                 err = torch.where(torch.isfinite(a), (a - t).abs(), torch.full_like(a, math.inf))
                 st.max_err = max(st.max_err, float(torch.where(torch.isfinite(t), err, torch.zeros_like(err)).max()))
+                del err
                 cand = judge.disagrees(a, t, scale, tolerance)
+                if not bool(cand.any()):
+                    continue
+                slack = None
+                if slack_wanted:
+                    if moved is None:
+                        moved = _moved_rows(truth, o, start, stop)
+                    if p in moved:
+                        slack = SLACK_FACTOR * (moved[p].double() - t).abs().nan_to_num(0.0, 0.0, 0.0)
+                        cand = judge.disagrees(a, t, scale, tolerance, slack)
                 count = int(cand.sum())
                 if not count:
                     continue
                 st.candidates += count
-                if stored + count > store_cap:
-                    overflow += count
+                if store.stored + count > store.entry_cap:
+                    store.overflow += count
                     continue
                 r, c = torch.nonzero(cand, as_tuple=True)
                 st.rows.append(r + start)
                 st.cols.append(c)
                 st.a.append(a[r, c])
                 st.t.append(t[r, c])
-                st.scale.append(scale[r, c])
-                stored += count
-    return _judge(ctx, analytic, truth, blocks, entries, chunks, overflow, assemble, norm_test)
+                st.scale.append(row_scale[r, c])  # 0 for an all-zero truth row: fixed at the end
+                if slack is not None:
+                    st.slack.append(slack[r, c])
+                store.stored += count
+                hot = torch.nonzero(cand.any(dim=1)).reshape(-1)
+                pr, pc = torch.nonzero((t[hot] != 0) | (a[hot] != 0), as_tuple=True)
+                store.keep_pattern(p, offsets[o] + start + hot[pr], pc)
+            del a_rows, t_rows, moved
+            rows_done += stop - start
+            if time_limit is not None and rows_done < rows_total:
+                elapsed = time.perf_counter() - started
+                estimate = elapsed * rows_total / rows_done
+                if estimate > time_limit and (chunks >= 2 or elapsed > time_limit / 20):
+                    raise OverBudget(estimate, f"{rows_done} of {rows_total} rows in {elapsed:.2f} s")
+    return _judge(ctx, analytic, truth, blocks, store, entries, chunks, assemble, norm_test, mode_note)
+
+
+def _moved_rows(truth: Truth, o: int, start: int, stop: int) -> dict[int, torch.Tensor]:
+    """Rows start..stop of the reference at inputs moved by the dtype's rounding (the slack)."""
+    moved = truth.perturbed()
+    if moved is None or moved.reference.source is None:
+        return {}
+    return moved.reference.source.rows(o, start, stop)
 
 
 def _mark_nonzero(st: _Block, t: torch.Tensor, a: torch.Tensor, start: int) -> None:
     """Keep a binned map of where the truth or the backward is non-zero (for the heatmap)."""
-    rb, cb = _bins(st.m, HEATMAP_MAX_ROWS), _bins(st.n, HEATMAP_MAX_COLS)
+    rb, cb = min(st.m, HEATMAP_MAX_ROWS), min(st.n, HEATMAP_MAX_COLS)
     if st.nonzero is None:
         st.nonzero = torch.zeros((rb, cb), dtype=torch.int8)
     k = t.shape[0]
-    nz = ((t.abs() > 0) | (a.abs() > 0)).to(torch.int8)
-    col_bin = (torch.arange(st.n) * cb // st.n).unsqueeze(0).expand(k, st.n)
-    per_row = torch.zeros((k, cb), dtype=torch.int8).scatter_reduce_(1, col_bin, nz, reduce="amax")
-    row_bin = (torch.arange(start, start + k) * rb // st.m)
-    st.nonzero.index_reduce_(0, row_bin, per_row, reduce="amax")
-
-
-# Finite-difference columns the cross-check computes at most per input (one column is one
-# directional derivative per step level over every output): beyond this, a sample of the
-# disagreeing columns is checked and the count of mismatches is a lower bound.
-MAX_CONFIRM_COLUMNS = 4096
+    row_bin = torch.arange(start, start + k) * rb // st.m
+    col_bin = torch.arange(st.n) * cb // st.n
+    nz = (t != 0) | (a != 0)
+    for b in torch.unique(row_bin).tolist():
+        cols_hit = nz[row_bin == b].any(dim=0).to(torch.int8)
+        per_bin = torch.zeros(cb, dtype=torch.int8).scatter_reduce_(0, col_bin, cols_hit, reduce="amax")
+        st.nonzero[b] = torch.maximum(st.nonzero[b], per_bin)
 
 
 def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tuple[int, int], _Block],
-           entries: int, chunks: int, overflow: int, assemble, norm_test) -> CheckResult:  # type: ignore[no-untyped-def]
+           store: _Store, entries: int, chunks: int, assemble: Callable[..., CheckResult],
+           norm_test: Callable[..., list[Diagnosis]], mode_note: str) -> CheckResult:
     tolerance = ctx.tolerance
     fd = truth.fd
     names = ctx.output_names
+    offsets = fd.row_offsets()
     mismatches: list[Mismatch] = []
-    total_bad = 0
-    unverifiable = 0
-    kinks = 0
-    excused = 0
-    columns_done = 0
-    lower_bound = overflow > 0
-    heatmaps = []
+    total_bad = unverifiable = kinks = excused = 0
+    lower_bound = store.overflow > 0
+    sampled = False
+    heatmaps: list[Heatmap] = []
     diagnoses: list[Diagnosis] = []
     cap = ctx.settings.mismatch_cap
-    gen = torch.Generator().manual_seed(ctx.case.seed + 71)
-    for (o, p), st in blocks.items():
-        if not st.rows:
+    fd_text: list[str] = []
+    case_max = max((st.max_truth for st in blocks.values()), default=0.0)
+    for p in dict(analytic.leaves):
+        kept = [(o, st) for (o, q), st in blocks.items() if q == p and st.rows]
+        if not kept:
             continue
-        rows, cols = torch.cat(st.rows), torch.cat(st.cols)
-        a, t, scale = torch.cat(st.a), torch.cat(st.t), torch.cat(st.scale)
-        # Entries kept from all-zero truth rows: judge them again with the block's final scale.
-        final = torch.where(scale < st.max_truth, torch.full_like(scale, st.max_truth), scale) if st.max_truth else scale
-        keep = judge.disagrees(a, t, final, tolerance)
-        rows, cols, a, t, scale = rows[keep], cols[keep], a[keep], t[keep], final[keep]
-        if not rows.numel():
+        judged = _gather(kept, offsets, tolerance, case_max, analytic)
+        if not judged.count:
             continue
-        unique_cols, inverse = torch.unique(cols, return_inverse=True)
-        if unique_cols.numel() > MAX_CONFIRM_COLUMNS:
-            lower_bound = True
-            pick = torch.randperm(unique_cols.numel(), generator=gen)[:MAX_CONFIRM_COLUMNS]
-            chosen = torch.zeros(unique_cols.numel(), dtype=torch.bool)
-            chosen[pick] = True
-            sel = chosen[inverse]
-            rows, cols, a, t, scale = rows[sel], cols[sel], a[sel], t[sel], scale[sel]
-            unique_cols, inverse = torch.unique(cols, return_inverse=True)
-        columns_done += int(unique_cols.numel())
-        m = st.m
-        group = max(1, ctx.settings.max_memory // (3 * 8 * max(1, m) * 4))
-        f_val = torch.empty_like(a)
-        f_bar = torch.empty_like(a)
-        kink = torch.zeros_like(a, dtype=torch.bool)
-        for g0 in range(0, int(unique_cols.numel()), group):
-            chunk_cols = unique_cols[g0:g0 + group]
-            nc = fd.columns(p, chunk_cols)
-            est, bars, kk = (nc.estimates[o].reshape(m, -1), nc.bars[o].reshape(m, -1), nc.kinks[o].reshape(m, -1))
-            sel = (inverse >= g0) & (inverse < g0 + chunk_cols.numel())
-            local = inverse[sel] - g0
-            f_val[sel] = est[rows[sel], local].double()
-            f_bar[sel] = bars[rows[sel], local].double()
-            kink[sel] = kk[rows[sel], local]
-        verdict = judge.with_reference(a, t, f_val, f_bar, kink, scale, tolerance)
-        bad = verdict == int(Verdict.MISMATCH)
-        n_bad = int(bad.sum())
-        total_bad += n_bad
-        unverifiable += int(((verdict == int(Verdict.UNVERIFIABLE)) | (verdict == int(Verdict.KINK))).sum())
-        kinks += int((verdict == int(Verdict.KINK)).sum())
-        excused += int((verdict == int(Verdict.EXCUSED)).sum())
-        allowed = judge.allowed(t, scale, tolerance)
-        err = torch.where(torch.isfinite(a), (a - t).abs(), torch.full_like(a, math.inf))
-        idx = torch.nonzero(bad).reshape(-1)
-        order = idx[torch.argsort(err[idx], descending=True, stable=True)][:cap]
-        for k in order.tolist():
-            mismatches.append(Mismatch(output=names[o], input=ctx.input_names[p],
-                                       out_index=unravel(int(rows[k]), st.out_shape),
-                                       in_index=unravel(int(cols[k]), st.in_shape), expected=float(t[k]),
-                                       got=float(a[k]), tolerance=float(allowed[k]), second=float(f_val[k])))
-        if n_bad or bool((verdict != int(Verdict.AGREE)).any()):
-            heatmaps.append(_heatmap(st, names[o], ctx.input_names[p], rows, cols, verdict))
-        if n_bad:
-            diagnoses.append(sparse_diagnosis(names[o], ctx.input_names[p], st, rows[bad], cols[bad], a[bad],
-                                              allowed[bad], _analytic_nonzero(analytic, o, p)))
+        second = second_truth(fd, p, judged, tolerance, pattern=store.pattern(p), max_columns=MAX_CONFIRM_COLUMNS,
+                              seed=ctx.case.seed)
+        fd_text.append(second.describe())
+        if second.sampled:
+            lower_bound = sampled = True
+        done = second.computed
+        verdict = judge.with_reference(judged.a[done], judged.t[done], second.values[done], second.bars[done],
+                                       second.kinks[done], judged.scale[done], tolerance,
+                                       judged.slack[done] if judged.slack is not None else None)
+        rows, cols = judged.rows[done], judged.cols[done]
+        a, t, f = judged.a[done], judged.t[done], second.values[done]
+        allowed = judge.allowed(t, judged.scale[done], tolerance, judged.slack[done] if judged.slack is not None
+                                else None)
+        for o, st in kept:
+            lo, hi = offsets[o], offsets[o] + st.m
+            mine = (rows >= lo) & (rows < hi)
+            if not bool(mine.any()):
+                continue
+            v, r, c = verdict[mine], rows[mine] - lo, cols[mine]
+            bad = v == int(Verdict.MISMATCH)
+            n_bad = int(bad.sum())
+            total_bad += n_bad
+            unverifiable += int(((v == int(Verdict.UNVERIFIABLE)) | (v == int(Verdict.KINK))).sum())
+            kinks += int((v == int(Verdict.KINK)).sum())
+            excused += int((v == int(Verdict.EXCUSED)).sum())
+            mismatches.extend(_listed(ctx, o, p, st, bad, r, c, a[mine], t[mine], allowed[mine], f[mine], cap))
+            if n_bad or bool((v != int(Verdict.AGREE)).any()):
+                heatmaps.append(_heatmap(st, names[o], ctx.input_names[p], r, c, v))
+            if n_bad:
+                diagnoses.append(sparse_diagnosis(names[o], ctx.input_names[p], st, r[bad], c[bad], a[mine][bad],
+                                                  allowed[mine][bad], _analytic_nonzero(analytic, o, p)))
+        del judged, second, verdict
     mismatches.sort(key=lambda mm: -mm.abs_err if mm.abs_err == mm.abs_err else float("-inf"))
-    details = [("mode", f"full: every entry, streamed in {chunks} row chunks within --max-memory "
-                        f"{ctx.settings.max_memory / 2**20:.0f} MiB; only disagreeing entries kept"),
+    mode = (f"full: every entry, streamed in {chunks} row chunks within --max-memory "
+            f"{ctx.settings.max_memory / 2**20:.0f} MiB; only disagreeing entries kept")
+    details = [("mode", mode + mode_note),
                ("analytic", analytic.path + (f" (vmap fallback: {analytic.fallback_reason})"
                                              if analytic.fallback_reason else "")),
                ("truth", truth.description),
                ("tolerance", tolerance.describe()),
-               ("finite differences", f"{columns_done} columns holding a disagreement ({fd.path}); "
-                                      f"{fd.evaluations} forward evaluations")]
+               ("finite differences", ("; ".join(fd_text) if fd_text else "0 columns (no entry to cross-check)")
+                + f" ({fd.path}); {fd.evaluations} forward evaluations in all")]
     notes: list[str] = []
-    if lower_bound:
-        notes.append("more entries disagree with the reference than the memory budget lets gradverify cross-check "
-                     "with finite differences: the count of mismatched entries is a lower bound (raise --max-memory "
-                     "for an exact count)")
+    if store.overflow:
+        notes.append(f"more entries disagree with the reference than --max-memory lets gradverify keep ({store.overflow} "
+                     "not kept): the count of mismatched entries is a lower bound (raise --max-memory for an exact "
+                     "count)")
+    if sampled:
+        notes.append(f"the entries to cross-check span more than {MAX_CONFIRM_COLUMNS} columns that finite differences "
+                     "must take one by one: a sample of them was checked and the count is a lower bound")
     if not total_bad:
         diagnoses.extend(norm_test(ctx, analytic, truth))
+    guarantee = ("every entry compared with the reference; entries that disagree judged against finite differences"
+                 if not lower_bound else "")
     return assemble(ctx, truth, details=details, entries=entries, compared=entries, count=total_bad,
                     mismatches=mismatches[:cap], diagnoses=diagnoses, unverifiable=unverifiable, kinks=kinks,
                     excused=excused, heatmaps=tuple(heatmaps),
                     max_err=max((st.max_err for st in blocks.values()), default=0.0),
-                    lower_bound=lower_bound and total_bad > 0, notes=tuple(notes))
+                    lower_bound=lower_bound and total_bad > 0, notes=tuple(notes), guarantee=guarantee)
+
+
+def _gather(kept: list[tuple[int, _Block]], offsets: dict[int, int], tolerance: Any, case_max: float,
+            analytic: VjpSource) -> Judged:
+    """One input's kept entries over every output (stacked rows), judged again with their final
+    scale: the row's largest |truth|, or for an all-zero truth row the block's largest entry,
+    then the case's, then the block's units (as the dense path: checks/jacobian._fallback_scale)."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with_slack = all(len(st.slack) == len(st.rows) for _, st in kept) and any(st.slack for _, st in kept)
+    leaves = dict(analytic.leaves)
+    for o, st in kept:
+        rows, cols = torch.cat(st.rows), torch.cat(st.cols)
+        a, t, row_scale = torch.cat(st.a), torch.cat(st.t), torch.cat(st.scale)
+        slack = torch.cat(st.slack) if with_slack else None
+        st.rows, st.cols, st.a, st.t, st.scale, st.slack = [], [], [], [], [], []
+        fallback = st.max_truth or case_max or units_scale(analytic.outputs[o], leaves[st.in_pos])
+        final = torch.where(row_scale > 0, row_scale, torch.full_like(row_scale, fallback))
+        keep = judge.disagrees(a, t, final, tolerance, slack)
+        parts.append((rows[keep] + offsets[o], cols[keep], a[keep], t[keep], final[keep],
+                      slack[keep] if slack is not None else torch.zeros(0)))
+    cat = [torch.cat([part[k] for part in parts]) for k in range(6)]
+    return Judged(rows=cat[0], cols=cat[1], a=cat[2], t=cat[3], scale=cat[4], slack=cat[5] if with_slack else None)
+
+
+def units_scale(out: torch.Tensor, leaf: torch.Tensor) -> float:
+    """Scale of an all-zero truth row where the block and the case are all zero too: the block's
+    units, rms(out) / rms(in)."""
+    out_rms = float(out.detach().double().pow(2).mean().sqrt()) if out.numel() else 0.0
+    in_rms = float(leaf.detach().double().pow(2).mean().sqrt()) if leaf.numel() else 0.0
+    return out_rms / in_rms if out_rms > 0 and in_rms > 0 else 1.0
+
+
+def _listed(ctx: CaseContext, o: int, p: int, st: _Block, bad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+            a: torch.Tensor, t: torch.Tensor, allowed: torch.Tensor, f: torch.Tensor, cap: int) -> list[Mismatch]:
+    """The block's worst mismatches (at most `cap`): the count stays exact, the list is capped."""
+    idx = torch.nonzero(bad).reshape(-1)
+    if not idx.numel():
+        return []
+    err = torch.where(torch.isfinite(a[idx]), (a[idx] - t[idx]).abs(), torch.full_like(a[idx], math.inf))
+    order = idx[torch.argsort(err, descending=True, stable=True)][:cap]
+    fields = [rows[order].tolist(), cols[order].tolist(), t[order].tolist(), a[order].tolist(),
+              allowed[order].tolist(), f[order].tolist()]
+    return [Mismatch(output=ctx.output_names[o], input=ctx.input_names[p], out_index=unravel(r, st.out_shape),
+                     in_index=unravel(c, st.in_shape), expected=tv, got=av, tolerance=al, second=fv)
+            for r, c, tv, av, al, fv in zip(*fields)]
 
 
 def _heatmap(st: _Block, out_name: str, in_name: str, rows: torch.Tensor, cols: torch.Tensor,
-             verdict: torch.Tensor):  # type: ignore[no-untyped-def]
-    rb, cb = _bins(st.m, HEATMAP_MAX_ROWS), _bins(st.n, HEATMAP_MAX_COLS)
+             verdict: torch.Tensor) -> Heatmap:
+    rb, cb = min(st.m, HEATMAP_MAX_ROWS), min(st.n, HEATMAP_MAX_COLS)
     codes = st.nonzero.clone() if st.nonzero is not None else torch.zeros((rb, cb), dtype=torch.int8)
     for mask, code in (((verdict != int(Verdict.AGREE)) & (verdict != int(Verdict.MISMATCH)), 2),
                        (verdict == int(Verdict.MISMATCH), 3)):
@@ -289,4 +415,4 @@ def sparse_diagnosis(out_name: str, in_name: str, st: _Block, rows: torch.Tensor
                      output=out_name, input=in_name, hint="the entries are listed; a smaller --shape names the pattern")
 
 
-__all__ = ["streamed_check", "sparse_diagnosis", "Sequence"]
+__all__ = ["OverBudget", "sparse_diagnosis", "streamed_check", "units_scale"]
