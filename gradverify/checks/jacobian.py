@@ -36,15 +36,15 @@ from gradverify.usercode import UserCodeError
 
 NAME = "jacobian"
 
-# --mode auto: a full check (every entry) when it is estimated to end within AUTO_FULL_SECONDS,
-# projections beyond. The estimate is measured on the case: the streamed pass times its first
-# row chunks (both backwards and the comparison) and extrapolates; before that, a Jacobian so
-# large that even AUTO_NS_PER_ENTRY per entry exceeds the limit goes straight to projections.
-# 2 ns an entry is below what the comparison alone costs on any CPU (measured 4-20 ns an entry
-# for the pass on a 2-core machine: two batched backwards, the comparison, the heatmap map), so
-# the shortcut never takes a full check away that would have fit. 20 s keeps a default check of
-# any size within "seconds to tens of seconds" (the failing path adds its finite differences,
-# bounded by colouring.MAX_CONFIRM_COLUMNS).
+# --mode auto: a full check (every entry) when it is estimated to take at most AUTO_FULL_SECONDS
+# of CPU time, projections beyond. The estimate is measured on the case: the streamed pass times
+# its first row chunks (both backwards and the comparison) and extrapolates (numerics.streaming
+# _Plan); before that, a Jacobian so large that even AUTO_NS_PER_ENTRY per entry exceeds the
+# limit goes straight to projections. 2 ns an entry is below what the comparison alone costs
+# (measured ~25 ns an entry for the whole pass of a 4,096 x 4,096 Jacobian on this kind of
+# CPU, ~6 of them in the comparison), so the shortcut never takes away a full check that would
+# have fit. 20 s keeps a default check of any size within "seconds to tens of seconds" (the
+# failing path adds its finite differences, bounded by colouring.MAX_CONFIRM_COLUMNS).
 AUTO_FULL_SECONDS = 20.0
 AUTO_NS_PER_ENTRY = 2.0
 # The comparison of one dense block holds at once: A (and its float64 copy below float64), the
@@ -103,7 +103,7 @@ class JacobianCheck:
                                         time_limit=AUTO_FULL_SECONDS if auto else None)
             except OverBudget as over:
                 return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
-                                       f"a full check of {entries:,} entries was estimated at {over.estimate_s:,.0f} s "
+                                       f"a full check of {entries:,} entries was estimated at {over.estimate_s:,.0f} CPU s "
                                        f"(> {AUTO_FULL_SECONDS:.0f} s; measured: {over.measured})")
             return _auto_full(result, f"estimated within {AUTO_FULL_SECONDS:.0f} s") if auto else result
         result = projected_check(ctx, analytic, truth, entries)
