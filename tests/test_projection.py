@@ -87,3 +87,24 @@ def test_auto_mode_uses_projections_past_the_size_limit(monkeypatch) -> None:  #
     assert dict(check.details)["mode"].startswith("fast")
     assert dict(check.details)["auto"].startswith("projections: a full check of 1,024 entries would take")
     assert [(m.out_index, m.in_index) for m in check.mismatches] == [((5,), (7,))]
+
+
+def test_localisation_within_a_tiny_budget_still_names_the_entry() -> None:
+    # 1 MiB: every batched backward carries a single cotangent.
+    fn = _linear(64, 17, 41, 1.0)
+    report = gradverify.verify(fn, torch.randn(64, dtype=torch.float64), mode="fast", gradcheck="off",
+                               max_memory=2**20)
+    check = _jacobian(report)
+    assert [(m.out_index, m.in_index) for m in check.mismatches] == [((17,), (41,))]
+    assert "batched backward calls" in dict(check.details)["localisation"]
+
+
+def test_projection_batches_fit_the_budget() -> None:
+    from gradverify.numerics.projection import _batch_size
+    from gradverify.numerics.vjp import VjpSource
+
+    leaf = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    source = VjpSource([(0, leaf * 2)], [(0, leaf)], phase="backward", max_bytes=2**20)
+    # Each cotangent costs (1000 + 3 x 1000) float64 numbers times the workspace factor 4.
+    assert _batch_size(source, 2**20) == 2**20 // (4000 * 8 * 4)
+    assert _batch_size(source, 1000) == 1

@@ -59,6 +59,9 @@ MIN_SAVING = 2.0
 # Weights w_j = s (64 + k) / 128, k uniform in 0..63, s a random sign: 7 significant bits, so
 # w_j h x-steps stay exact in any float format with at least 8 bits of mantissa beyond h.
 WEIGHT_BITS = 6
+# Working bytes per judged entry while its group is read: the group estimate, bar, coefficient,
+# both allowances, the gap and five masks, and the tableau's per-entry share in finite_diff.
+ENTRY_WORK = 160
 # The bar an entry's differences must reach: a quarter of its disagreement beyond the tolerance
 # (|A - R| - allowed). Either verdict is then decided with room to spare: MISMATCH needs
 # |A - F| > allowed + bar, EXCUSED needs bar < |A - R| - allowed.
@@ -233,13 +236,12 @@ def _grouped(fd: FiniteDifferences, p: int, judged: Judged, tolerance: Tolerance
     """Difference the columns in colour groups; settle the entries the group reading decides."""
     n_cols = int(unique_cols.numel())
     p_rows, p_cols = pattern
-    # The pattern at the judged columns, plus the judged entries themselves.
+    # The pattern at the judged columns (it holds the judged entries themselves: A or R is
+    # non-zero wherever they disagree; a caller may give one row per distinct column set).
     where = torch.searchsorted(unique_cols, p_cols.to(torch.long))
     inside = (where < n_cols) & (unique_cols[where.clamp_max(n_cols - 1)] == p_cols.to(torch.long))
-    rows = torch.cat([p_rows.to(torch.long)[inside], judged.rows])
-    local = torch.cat([where[inside], inverse])
-    colours = colour_columns(rows, local, n_cols)
-    del rows, local, where, inside
+    colours = colour_columns(p_rows.to(torch.long)[inside], where[inside], n_cols)
+    del where, inside
     if colours is None:
         return
     n_groups = int(colours.max()) + 1
@@ -251,8 +253,11 @@ def _grouped(fd: FiniteDifferences, p: int, judged: Judged, tolerance: Tolerance
     coefficient = _weights(n_cols, seed) * steps / group_step[colours]
     n = x.numel()
     owner = colours[inverse]
-    # Directions are built a batch of groups at a time (a (groups, n) tensor within the budget).
-    batch = max(1, min(n_groups, fd.max_bytes // (8 * 8 * max(1, n))))
+    # Directions are built a batch of groups at a time: a (groups, n) tensor within an eighth of
+    # the budget, and at most as many judged entries as an eighth of the budget holds at
+    # ENTRY_WORK bytes each (their group readings, bars, allowances, masks).
+    batch = max(1, min(n_groups, fd.max_bytes // (8 * 8 * max(1, n)),
+                       n_groups * max(1, fd.max_bytes // 8 // ENTRY_WORK) // max(1, judged.count)))
     order = torch.argsort(owner, stable=True)
     bounds = torch.searchsorted(owner[order], torch.arange(0, n_groups + 1))
     by_group = torch.argsort(colours, stable=True)
