@@ -207,3 +207,33 @@ CASES = {
     "column_normalize_one_wrong": (ColumnNormalizeOneWrongEntry, _square),
     "softmax_diagonal": (SoftmaxDiagonalOnly, _rows64),
 }
+
+
+class SineWithoutGraph(torch.autograd.Function):
+    """y = sin(x) computed under no_grad (as a kernel would be): autograd through the forward
+    body sees no graph, so there is no reference and finite differences are the only truth."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return grad_output * torch.cos(x)
+
+
+CASES["sine_without_graph"] = (SineWithoutGraph, _vector)
+
+
+def _square_normal(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    import math
+
+    n = int(round(math.sqrt(size)))
+    return (torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),)
+
+
+CASES["row_softmax"] = (Softmax, _square_normal)
+CASES["row_softmax_diagonal"] = (SoftmaxDiagonalOnly, _square_normal)

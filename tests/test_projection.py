@@ -108,3 +108,29 @@ def test_projection_batches_fit_the_budget() -> None:
     # Each cotangent costs (1000 + 3 x 1000) float64 numbers times the workspace factor 4.
     assert _batch_size(source, 2**20) == 2**20 // (4000 * 8 * 4)
     assert _batch_size(source, 1000) == 1
+
+
+def test_a_backward_that_cannot_be_differentiated_is_localised_by_bisection() -> None:
+    from torch.autograd.function import once_differentiable
+
+    weight = torch.randn(48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wrong = weight.clone()
+    wrong[9, 30] += 1.0
+
+    class OnceLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+            return x @ weight.T
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+            return g @ wrong
+
+    check = _jacobian(gradverify.verify(OnceLinear, torch.randn(48, dtype=torch.float64), mode="fast",
+                                        gradcheck="off"))
+    assert [(m.out_index, m.in_index) for m in check.mismatches] == [((9,), (30,))]
+    assert "bisection" in dict(check.details)["localisation"]
+    differentiable = _jacobian(gradverify.verify(_linear(48, 9, 30, 1.0), torch.randn(48, dtype=torch.float64),
+                                                 mode="fast", gradcheck="off"))
+    assert "double backward" in dict(differentiable.details)["localisation"]

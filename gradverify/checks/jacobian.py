@@ -17,6 +17,7 @@ accuses only when finite differences along the offending direction confirm it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -41,11 +42,13 @@ NAME = "jacobian"
 # its first row chunks (both backwards and the comparison) and extrapolates (numerics.streaming
 # _Plan); before that, a Jacobian so large that even AUTO_NS_PER_ENTRY per entry exceeds the
 # limit goes straight to projections. 2 ns an entry is below what the comparison alone costs
-# (measured ~25 ns an entry for the whole pass of a 4,096 x 4,096 Jacobian on this kind of
-# CPU, ~6 of them in the comparison), so the shortcut never takes away a full check that would
-# have fit. 20 s keeps a default check of any size within "seconds to tens of seconds" (the
-# failing path adds its finite differences, bounded by colouring.MAX_CONFIRM_COLUMNS).
-AUTO_FULL_SECONDS = 20.0
+# (measured ~25 ns an entry for the whole pass of a 4,096 x 4,096 Jacobian on a 2-core Xeon,
+# ~6 of them in the comparison), so the shortcut never takes away a full check that would have
+# fit. 40 CPU seconds is "tens of seconds" of wall clock with torch's threads sharing the work
+# (a full check of 16,384 x 16,384 entries, 2^28, measured 6 CPU s passing and ~11 failing on one
+# thread, stays full); the failing path adds its finite differences, bounded by
+# colouring.MAX_CONFIRM_COLUMNS.
+AUTO_FULL_SECONDS = 40.0
 AUTO_NS_PER_ENTRY = 2.0
 # The comparison of one dense block holds at once: A (and its float64 copy below float64), the
 # truth, finite differences and their bars, the allowed error, |A - truth|, verdicts and masks,
@@ -95,6 +98,13 @@ class JacobianCheck:
                                    f"a full check of {entries:,} entries would take at least "
                                    f"{entries * AUTO_NS_PER_ENTRY * 1e-9:,.3g} s (> {AUTO_FULL_SECONDS:.3g} s)")
         if fits_dense(entries, min(budget, DENSE_MAX_BYTES) if usable else budget):
+            if auto and not usable:
+                estimate = _finite_differences_cost(truth, analytic, entries)
+                if estimate > AUTO_FULL_SECONDS:
+                    return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
+                                           f"without a usable reference every column needs finite differences: "
+                                           f"estimated at {estimate:,.3g} s for {entries:,} entries "
+                                           f"(> {AUTO_FULL_SECONDS:.3g} s)")
             result = dense_check(ctx, analytic, truth, entries)
             return _auto_full(result, "a small Jacobian: every entry") if auto else result
         if usable:
@@ -103,13 +113,33 @@ class JacobianCheck:
                                         time_limit=AUTO_FULL_SECONDS if auto else None)
             except OverBudget as over:
                 return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
-                                       f"a full check of {entries:,} entries was estimated at {over.estimate_s:,.3g} CPU s "
+                                       f"a full check of {entries:,} entries was estimated at "
+                                       f"{over.estimate_s:,.3g} s of CPU "
                                        f"(> {AUTO_FULL_SECONDS:.3g} s; measured: {over.measured})")
             return _auto_full(result, f"estimated within {AUTO_FULL_SECONDS:.3g} CPU s") if auto else result
         result = projected_check(ctx, analytic, truth, entries)
-        return replace(result, notes=result.notes + (
+        result = replace(result, notes=result.notes + (
             "no usable reference and the Jacobian is too large to hold for finite differences within --max-memory: "
             "checked by projections",))
+        return _auto_projected(ctx, result, "no usable reference, and the Jacobian is too large to hold for "
+                                            "finite differences within --max-memory") if auto else result
+
+
+# Finite differences alone (no usable reference) take every column: about FD_EVALUATIONS_PER_COLUMN
+# forward calls each (2 a level, 3-5 levels, the confirmation of mismatches by a second step
+# sequence) and FD_SECONDS_PER_ENTRY for the tableau and verdicts of each entry (measured: 7,172
+# forward calls and 23 us an entry for an 800-element sin(x) on a 2-core machine).
+FD_EVALUATIONS_PER_COLUMN = 9
+FD_SECONDS_PER_ENTRY = 25e-6
+
+
+def _finite_differences_cost(truth: Truth, analytic: VjpSource, entries: int) -> float:
+    """Seconds the finite-difference-only full check would take: one forward call timed here."""
+    fd = truth.fd
+    start = time.thread_time()
+    fd.evaluate(fd.args)
+    forward = time.thread_time() - start
+    return analytic.in_numel() * FD_EVALUATIONS_PER_COLUMN * forward + entries * FD_SECONDS_PER_ENTRY
 
 
 def _auto_full(result: CheckResult, why: str) -> CheckResult:
@@ -434,11 +464,9 @@ def norm_test(ctx: CaseContext, analytic: VjpSource, truth: Truth) -> list[Diagn
             v[p] = direction[offset:offset + leaf.numel()].reshape(leaf.shape)
             offset += leaf.numel()
         alpha = float(a_vec @ direction)
-        estimates, bars = fd.directional(v)
-        phi = sum(float((u[o][b].reshape(-1) * e.reshape(-1).double()).sum())
-                  for o, e in zip(fd.out_positions, estimates))
-        beta = sum(float((u[o][b].reshape(-1).abs() * e.reshape(-1).double()).sum())
-                   for o, e in zip(fd.out_positions, bars))
+        # u . (F v), contracted inside the tableau (memory of a few outputs).
+        values, bars = fd.contracted(v, {o: u[o][b:b + 1] for o in analytic.outputs})
+        phi, beta = float(values[0]), float(bars[0])
         if not (math.isfinite(phi) and math.isfinite(beta)):
             continue
         if abs(alpha - phi) > rtol * size + beta and beta < abs(alpha - phi) / 2:

@@ -22,6 +22,7 @@ finite differences at the entry (numerics.colouring), and the count is a lower b
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,10 +31,12 @@ import torch
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import unravel
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
+from gradverify.numerics.finite_diff import RELEASE_SHARE, release_memory
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.streaming import units_scale
 from gradverify.numerics.vjp import WORKSPACE_FACTOR, VjpSource
 from gradverify.report import CheckResult, Diagnosis, Mismatch
+from gradverify.usercode import UserCodeError, user_code
 
 if TYPE_CHECKING:
     from gradverify.checks.base import CaseContext, Truth
@@ -46,7 +49,7 @@ PROBES = 4
 # in each: beyond that the backward is wrong in too many places for a longer list to help (the
 # report says the list is a sample), and the cost stays ~log2(m) batched backward calls of at
 # most MAX_ACTIVE_SETS cotangents per side (measured ~2 s for 10^6 outputs on 2 cores).
-MAX_ACTIVE_SETS = 16
+MAX_ACTIVE_SETS = 8
 MAX_COLUMNS_PER_SET = 8
 # Miss probability the stated "smallest detectable error" refers to.
 MISS_PROBABILITY = 1e-6
@@ -138,6 +141,7 @@ def projected_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries
         g_a = analytic.vjp(cot)
         g_r = reference.vjp(cot) if reference is not None else None
         del cot
+        pending = []
         for local, trial in enumerate(trials):
             k = b0 + local
             v_norm = math.sqrt(sum(float(trial.v[p].pow(2).sum()) for p, _ in leaves))
@@ -147,27 +151,37 @@ def projected_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries
             tol = rtol * size
             worst_tol = max(worst_tol, tol)
             alpha = _dot(g_a, local, trial.v, leaves)
+            difference: dict[int, torch.Tensor] | None = None
+            scale = 0.0
             if g_r is not None:
                 rho = _dot(g_r, local, trial.v, leaves)
                 largest = max(largest, abs(alpha - rho))
                 if abs(alpha - rho) <= tol:
                     continue
+                # Kept for localisation should this probe fail: (A - R)^T u and the scale of its sides.
+                difference = {p: g_a[p][local].double() - g_r[p][local].double() for p, _ in leaves}
+                scale = max(max(float(g_a[p][local].abs().max()) if g_a[p][local].numel() else 0.0,
+                                float(g_r[p][local].abs().max()) if g_r[p][local].numel() else 0.0) for p, _ in leaves)
+            pending.append((k, trial, alpha, tol, difference, scale))
+        del g_a, g_r  # the backward products are not needed while finite differences run
+        for k, trial, alpha, tol, difference, scale in pending:
             verdicts = []
-            for sequence in ((0,) if g_r is not None else (0, 1)):
+            for sequence in ((0,) if difference is not None else (0, 1)):
                 phi_t, beta_t = fd.contracted(trial.v, {o: trial.u[o].unsqueeze(0) for o in analytic.outputs},
                                               sequence=sequence)
                 phi, beta = float(phi_t[0]), float(beta_t[0])
                 resolved = math.isfinite(phi) and math.isfinite(beta) and beta < abs(alpha - phi) / 2
                 verdicts.append(resolved and abs(alpha - phi) > tol + beta)
-                if g_r is None:
+                if difference is None:
                     largest = max(largest, abs(alpha - phi) if math.isfinite(phi) else 0.0)
             if all(verdicts):
                 failing.append(k)
-                if g_r is not None:
-                    evidence = _collect(evidence, k, local, g_a, g_r, leaves, rtol)
-            elif g_r is not None:
+                if difference is not None:
+                    evidence = _collect(evidence, k, difference, scale, rtol)
+            elif difference is not None:
                 unresolved += 1
-        del g_a, g_r, trials
+        del pending, trials
+        release_memory(budget // RELEASE_SHARE)
     delta = smallest_detectable(worst_tol) if worst_tol > 0 else 0.0
     details = [("mode", f"fast: {PROBES} random Gaussian projections u^T J v (u over outputs, v over inputs)"),
                ("analytic", analytic.path), ("truth", truth.description),
@@ -190,17 +204,25 @@ def projected_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries
     mismatches: list[Mismatch] = []
     truncated = False
     if reference is not None and evidence is not None:
-        u = _probe(analytic, seed, evidence.first).u
-        found, truncated, backward_calls = _localise(analytic, reference, u, evidence, rtol, budget)
-        mismatches = _judge_entries(ctx, found, analytic, reference, truth)
+        located = _localise_by_columns(analytic, reference, evidence, rtol, budget)
+        how = "read from the flagged columns of A - R (double backward)"
+        mismatches = []
+        if located is not None:
+            found, truncated, backward_calls = located
+            mismatches = _judge_entries(ctx, found, analytic, reference, truth)
+        if not mismatches:
+            u = _probe(analytic, seed, evidence.first).u
+            found, truncated, backward_calls = _localise(analytic, reference, u, evidence, rtol, budget)
+            mismatches = _judge_entries(ctx, found, analytic, reference, truth)
+            how = "bisection of the failing projections"
         details.append(("localisation", f"{len(found)} candidate entr{'y' if len(found) == 1 else 'ies'} in "
-                                        f"{backward_calls} batched backward calls per side"))
+                                        f"{backward_calls} batched backward calls per side ({how})"))
         if mismatches:
             listed = ", ".join(f"∂{m.output}{list(m.out_index)}/∂{m.input}{list(m.in_index)}" for m in mismatches[:3])
             more = f" and {len(mismatches) - 3} more" if len(mismatches) > 3 else ""
             diagnoses.append(Diagnosis("partial" if len(mismatches) <= 3 and not truncated else "other",
-                                       f"{len(mismatches)} entr{'y' if len(mismatches) == 1 else 'ies'} located by "
-                                       f"bisection of the failing projections: {listed}{more}",
+                                       f"{len(mismatches)} entr{'y' if len(mismatches) == 1 else 'ies'} located from "
+                                       f"the failing projections: {listed}{more}",
                                        hint="re-run at a smaller --shape for a full diagnosis of the pattern"))
     notes = ()
     if truncated:
@@ -213,21 +235,14 @@ def projected_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries
                     summary=f"{count}+ located" if count else f"{len(failing)}/{PROBES} projections wrong")
 
 
-def _column_flags(d: torch.Tensor, ga: torch.Tensor, gr: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Input entries where (A - R)^T u stands out beyond the tolerance of the larger side."""
-    scale = max(float(ga.abs().max()) if ga.numel() else 0.0, float(gr.abs().max()) if gr.numel() else 0.0)
-    return d.abs() > rtol * scale
-
-
-def _collect(evidence: _Evidence | None, k: int, local: int, g_a: dict[int, torch.Tensor],
-             g_r: dict[int, torch.Tensor], leaves: list, rtol: float) -> _Evidence:  # type: ignore[type-arg]
+def _collect(evidence: _Evidence | None, k: int, difference: dict[int, torch.Tensor], scale: float,
+             rtol: float) -> _Evidence:
     """Keep the first failing probe's difference; other failing probes only add flagged columns
-    (a cancellation in one)."""
-    flags = {p: _column_flags(g_a[p][local].double() - g_r[p][local].double(), g_a[p][local], g_r[p][local], rtol)
-             for p, _ in leaves}
+    (a cancellation in one). A column is flagged where (A - R)^T u stands out beyond rtol of the
+    larger side."""
+    flags = {p: d.abs() > rtol * scale for p, d in difference.items()}
     if evidence is None:
-        return _Evidence(first=k, diff={p: g_a[p][local].double() - g_r[p][local].double() for p, _ in leaves},
-                         flags=flags)
+        return _Evidence(first=k, diff=difference, flags=flags)
     for p in flags:
         evidence.flags[p] |= flags[p]
     return evidence
@@ -249,6 +264,87 @@ class _Set:
         return max((float(v.abs().max()) for v in self.values.values() if v.numel()), default=0.0)
 
 
+def _localise_by_columns(analytic: VjpSource, reference: VjpSource, evidence: _Evidence, rtol: float,
+                         budget: int) -> tuple[list[tuple[int, int, int, int]], bool, int] | None:
+    """The flagged columns read whole: (A - R) e_j for the MAX_ACTIVE_SETS most-off columns j,
+    from the derivative of each side's backward with respect to its cotangent (u -> A^T u is
+    linear, so d/du (v . A^T u) along e_j is A e_j): a few double backwards instead of a
+    bisection of log2(m) levels. None where a backward is not differentiable (once_differentiable,
+    a detach) or an input is constrained: then bisection."""
+    truncated = False
+    chosen: dict[int, torch.Tensor] = {}
+    for p, f in evidence.flags.items():
+        js = torch.nonzero(f).reshape(-1)
+        if js.numel() > MAX_ACTIVE_SETS:
+            js = js[torch.topk(evidence.diff[p].abs()[js], MAX_ACTIVE_SETS).indices]
+            truncated = True
+        chosen[p] = js
+    if any(p in analytic.tangents for p in chosen) or not any(js.numel() for js in chosen.values()):
+        return None
+    found: list[tuple[int, int, int, int]] = []
+    m_total = sum(int(out.numel()) for out in analytic.outputs.values())
+    batch = max(1, budget // max(1, 3 * m_total * 8 * WORKSPACE_FACTOR))
+    calls = 0
+    for p, js in chosen.items():
+        for k0 in range(0, int(js.numel()), batch):
+            cols = js[k0:k0 + batch]
+            a_cols = _columns_of(analytic, p, cols)
+            r_cols = _columns_of(reference, p, cols) if a_cols is not None else None
+            if a_cols is None or r_cols is None:
+                return None
+            calls += 1
+            for o in analytic.outputs:
+                diff = a_cols[o].double() - r_cols[o].double()
+                scale = torch.maximum(torch.linalg.vector_norm(a_cols[o].double(), math.inf, dim=1),
+                                      torch.linalg.vector_norm(r_cols[o].double(), math.inf, dim=1))
+                for b, j in enumerate(cols.tolist()):
+                    size = diff[b].abs()
+                    rows = torch.nonzero(size > rtol * scale[b]).reshape(-1)
+                    if rows.numel() > MAX_COLUMNS_PER_SET:
+                        rows = rows[torch.topk(size[rows], MAX_COLUMNS_PER_SET).indices]
+                        truncated = True
+                    found.extend((o, int(i), p, int(j)) for i in rows.tolist())
+            del a_cols, r_cols
+            release_memory(budget // RELEASE_SHARE)
+    return found, truncated, calls
+
+
+def _columns_of(source: VjpSource, p: int, cols: torch.Tensor) -> dict[int, torch.Tensor] | None:
+    """{o: (k, out.numel())}: columns `cols` of input p of every block of the source, by the
+    double-backward trick; None if the backward is not differentiable with respect to its
+    cotangent or raises."""
+    leaves = [leaf for _, leaf in source.leaves]
+    index = [q for q, _ in source.leaves].index(p)
+    leaf = leaves[index]
+    k = int(cols.numel())
+    directions = torch.zeros((k, max(1, leaf.numel())), dtype=leaf.dtype, device=leaf.device)
+    directions[torch.arange(k), cols] = 1
+    directions = directions[:, :leaf.numel()].reshape(k, *leaf.shape)
+    result: dict[int, torch.Tensor] = {}
+    for o, out in source.outputs.items():
+        try:
+            with user_code(source.phase), torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                u = torch.zeros_like(out, requires_grad=True)
+                (g,) = torch.autograd.grad(out, [leaf], u, create_graph=True, retain_graph=True, allow_unused=True)
+                if g is None:
+                    result[o] = torch.zeros((k, out.numel()), dtype=out.dtype)
+                    continue
+                if not g.requires_grad:
+                    return None
+                try:
+                    (jv,) = torch.autograd.grad(g, [u], directions, retain_graph=True, allow_unused=True,
+                                                is_grads_batched=True)
+                except RuntimeError:  # vmap cannot batch this double backward: one column at a time
+                    parts = [torch.autograd.grad(g, [u], directions[b], retain_graph=True, allow_unused=True)[0]
+                             for b in range(k)]
+                    jv = None if any(part is None for part in parts) else torch.stack(parts)
+        except UserCodeError:
+            return None
+        result[o] = torch.zeros((k, out.numel()), dtype=out.dtype) if jv is None else jv.detach().reshape(k, -1)
+    return result
+
+
 def _localise(analytic: VjpSource, reference: VjpSource, u: dict[int, torch.Tensor], evidence: _Evidence,
               rtol: float, budget: int) -> tuple[list[tuple[int, int, int, int]], bool, int]:
     """(out_pos, flat out index, in_pos, flat in index) of entries where A and R differ; whether
@@ -268,7 +364,8 @@ def _localise(analytic: VjpSource, reference: VjpSource, u: dict[int, torch.Tens
     for o, out in analytic.outputs.items():
         m = max(1, out.numel())
         if len(analytic.outputs) > 1:
-            (whole,), spent = _diff_for_sets(analytic, reference, u, o, [(0, m)], [start_cols], batch)
+            (whole,), spent = _diff_for_sets(analytic, reference, u, o, [(0, m)], [start_cols], batch,
+                                            budget // RELEASE_SHARE)
             calls += spent
             first = _hits(start_cols, whole[0], whole[1], rtol)
         else:
@@ -281,7 +378,8 @@ def _localise(analytic: VjpSource, reference: VjpSource, u: dict[int, torch.Tens
             splitting = [s for s in active if s.hi - s.lo > 1]
             done = [s for s in active if s.hi - s.lo == 1]
             halves = [(s.lo, (s.lo + s.hi) // 2) for s in splitting]
-            lefts, spent = _diff_for_sets(analytic, reference, u, o, halves, [s.cols for s in splitting], batch)
+            lefts, spent = _diff_for_sets(analytic, reference, u, o, halves, [s.cols for s in splitting], batch,
+                                           budget // RELEASE_SHARE)
             calls += spent
             next_active = list(done)
             for s, (values, scale) in zip(splitting, lefts):
@@ -304,8 +402,8 @@ def _localise(analytic: VjpSource, reference: VjpSource, u: dict[int, torch.Tens
 
 
 def _diff_for_sets(analytic: VjpSource, reference: VjpSource, u: dict[int, torch.Tensor], o: int,
-                   ranges: list[tuple[int, int]], cols: list[dict[int, torch.Tensor]],
-                   batch: int) -> tuple[list[tuple[dict[int, torch.Tensor], float]], int]:
+                   ranges: list[tuple[int, int]], cols: list[dict[int, torch.Tensor]], batch: int,
+                   allowance: int) -> tuple[list[tuple[dict[int, torch.Tensor], float]], int]:
     """For each output range U of output o (u zero elsewhere): (A - R)^T u_U at that set's
     columns, and max(|A^T u_U|, |R^T u_U|); `batch` sets per batched backward."""
     result: list[tuple[dict[int, torch.Tensor], float]] = []
@@ -334,6 +432,7 @@ def _diff_for_sets(analytic: VjpSource, reference: VjpSource, u: dict[int, torch
             values = {p: ga[p][b].double()[js] - gr[p][b].double()[js] for p, js in wanted.items()}
             result.append((values, float(sizes[b])))
         del ga, gr
+        release_memory(allowance)
     return result, calls
 
 
@@ -407,6 +506,7 @@ def _judge_entries(ctx: CaseContext, found: list[tuple[int, int, int, int]], ana
                         per_entry[(o, i, p, j)] = (float(ga[p][b, j]), float(t_row[j]), scale,
                                                    slack if math.isfinite(slack) else 0.0)
             del ga, gr, gm
+            release_memory(ctx.settings.max_memory // RELEASE_SHARE)
     mismatches: list[Mismatch] = []
     for p, leaf in leaves.items():
         keys = [key for key in found if key[2] == p and key in per_entry]

@@ -15,8 +15,6 @@ says so.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import heapq
 import itertools
 import math
@@ -29,6 +27,7 @@ import torch
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS, heatmap_from_codes, unravel
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
+from gradverify.numerics.finite_diff import RELEASE_SHARE, release_memory
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.vjp import VjpSource
 from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
@@ -59,27 +58,8 @@ class OverBudget(Exception):
 
 # The pass allocates each chunk's temporaries (a few MiB) between the small tensors it keeps
 # (the disagreeing entries): glibc then serves later chunks from a heap it cannot shrink, and the
-# resident set grows with the number of chunks (measured: 834 MiB for a failing 16,384-element
-# case whose kept entries take ~100 MiB). Every RELEASE_EVERY chunks the freed pages are handed
-# back (malloc_trim: they are re-touched once per RELEASE_EVERY chunks, ~1% of the pass).
-RELEASE_EVERY = 16
-
-
-def release_memory(counter: int = 0) -> None:
-    """Return freed heap pages to the OS (glibc's malloc_trim; nothing elsewhere)."""
-    if counter % RELEASE_EVERY:
-        return
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+# resident set grows with the number of chunks. Freed pages are handed back whenever they exceed
+# a share of the budget (numerics.finite_diff.release_memory, RELEASE_SHARE).
 
 
 class _Plan:
@@ -87,10 +67,11 @@ class _Plan:
     the batched-backward check, first-touch memory), so the rate is measured on the chunks after
     it, until MEASURE_CHUNKS more or MEASURE_SECONDS have passed; the whole pass is estimated as
     first + rate x the rest, and the decision is taken once (a later stall does not throw away a
-    check that was going to finish). Time is this process's CPU time, not the wall clock: the
-    decision then depends on the op and the machine, not on what else the machine is running
-    (measured: 3-4x longer wall-clock rows on a shared 2-core machine at load 8), and since CPU
-    time adds up every thread, the limit holds even where torch gets a single core."""
+    check that was going to finish). Time is the CPU time of the thread running the check, not
+    the wall clock: the decision then depends on the op and the machine, not on what else the
+    machine is running (measured: 3-4x longer wall-clock rows on a shared 2-core machine at load
+    8). Not the whole process's CPU time either: torch's worker threads spin while they wait for
+    a core on a loaded machine, and that would count (measured 5-10x inflated)."""
 
     MEASURE_CHUNKS = 3
     MEASURE_SECONDS = 0.5
@@ -98,7 +79,7 @@ class _Plan:
     def __init__(self, rows_total: int, limit: float) -> None:
         self.rows_total = rows_total
         self.limit = limit
-        self.started = time.process_time()
+        self.started = time.thread_time()
         self.first: tuple[int, float] | None = None
         self.chunks = 0
         self.decided = not math.isfinite(limit)
@@ -106,7 +87,7 @@ class _Plan:
     def after_chunk(self, rows_done: int) -> None:
         if self.decided:
             return
-        now = time.process_time()
+        now = time.thread_time()
         self.chunks += 1
         if self.first is None:
             self.first = (rows_done, now - self.started)
@@ -119,7 +100,7 @@ class _Plan:
         rate = spent / max(1, rows_done - first_rows)
         estimate = first_s + rate * (self.rows_total - first_rows)
         if estimate > self.limit:
-            raise OverBudget(estimate, f"{rows_done - first_rows} rows after the first chunk in {spent:.2f} CPU s")
+            raise OverBudget(estimate, f"{rows_done - first_rows} rows after the first chunk in {spent:.2f} s of CPU")
 
 
 @dataclass
@@ -283,7 +264,7 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
                 store.keep_pattern(p, st.n, offsets[o] + start + nonzeros[0], nonzeros[1])
             del a_rows, t_rows, moved
             rows_done += stop - start
-            release_memory(chunks)
+            release_memory(budget // RELEASE_SHARE)
             if time_limit is not None and rows_done < rows_total:
                 plan.after_chunk(rows_done)
     return _judge(ctx, analytic, truth, blocks, store, entries, chunks, assemble, norm_test, mode_note)
