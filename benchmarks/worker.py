@@ -22,10 +22,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
+from functions import CASES
 
-import gradverify  # noqa: E402
-from functions import CASES  # noqa: E402
+import gradverify
 
 
 def parse_memory(text: str) -> int:

@@ -7,13 +7,11 @@ from __future__ import annotations
 import torch
 
 import gradverify
-import gradverify.numerics.colouring as colouring
-from gradverify.numerics import judge
+from gradverify.numerics import colouring, judge
 from gradverify.numerics.colouring import Judged, colour_columns, second_truth
 from gradverify.numerics.finite_diff import MAX_LEVELS, START_LEVELS, FiniteDifferences
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.tolerance import default_tolerance
-
 
 # --- ops with bugs of several kinds -------------------------------------------------------------
 
@@ -252,8 +250,8 @@ def test_where_the_reference_is_wrong_the_entry_gets_its_own_column_and_is_excus
 def test_too_many_columns_for_the_budget_gives_a_lower_bound(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(colouring, "ENABLED", False)
     monkeypatch.setattr(colouring, "MAX_CONFIRM_COLUMNS", 5)
-    import gradverify.checks.jacobian as jacobian
-    import gradverify.numerics.streaming as streaming
+    from gradverify.checks import jacobian
+    from gradverify.numerics import streaming
 
     monkeypatch.setattr(jacobian, "MAX_CONFIRM_COLUMNS", 5)
     monkeypatch.setattr(streaming, "MAX_CONFIRM_COLUMNS", 5)

@@ -69,7 +69,7 @@ def test_smallest_detectable_scales_with_tolerance() -> None:
 
 
 def test_auto_measures_the_pass_and_switches_to_projections_when_it_would_take_too_long(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import gradverify.checks.jacobian as jacobian
+    from gradverify.checks import jacobian
 
     x = torch.rand(40, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
     fast_enough = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", max_memory=2**20))

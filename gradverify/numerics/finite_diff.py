@@ -34,13 +34,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from gradverify.numerics.forward import BatchedEvaluator, Evaluator
-from gradverify.numerics.vjp import CHUNK_TARGET_BYTES, WORKSPACE_FACTOR, BatchedDisagrees
+from gradverify.numerics.vjp import (
+    CHUNK_TARGET_BYTES,
+    WORKSPACE_FACTOR,
+    BatchedDisagrees,
+)
 from gradverify.usercode import UserCodeError
 
 Tangent = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -425,7 +430,9 @@ class FiniteDifferences:
         todo = [int(c) for c in cols.tolist() if (p, int(c), sequence) not in self._memo]
         before = self.evaluations
         fresh_index: dict[int, int] = {}
-        stacked_e = stacked_b = stacked_k = torch.zeros(0)
+        stacked_e: torch.Tensor = torch.zeros(0)
+        stacked_b: torch.Tensor = torch.zeros(0)
+        stacked_k: torch.Tensor = torch.zeros(0)
         if todo:
             todo_t = torch.tensor(sorted(set(todo)), dtype=torch.long)
             fresh = self.directions(p, self.unit_directions(p, todo_t), sequence=sequence)
@@ -440,16 +447,18 @@ class FiniteDifferences:
                                                 stacked_k[:, k].clone())
                 self._memo_bytes += per_column
             fresh_index = {c: k for k, c in enumerate(todo_t.tolist())}
-        est_cols, bar_cols, kink_cols = [], [], []
+        est_cols: list[torch.Tensor] = []
+        bar_cols: list[torch.Tensor] = []
+        kink_cols: list[torch.Tensor] = []
         for c in cols.tolist():
             if (p, c, sequence) in self._memo:
-                e, b, k = self._memo[(p, c, sequence)]
+                e, b, kk = self._memo[(p, c, sequence)]
             else:
                 idx = fresh_index[c]
-                e, b, k = stacked_e[:, idx], stacked_b[:, idx], stacked_k[:, idx]
+                e, b, kk = stacked_e[:, idx], stacked_b[:, idx], stacked_k[:, idx]
             est_cols.append(e)
             bar_cols.append(b)
-            kink_cols.append(k)
+            kink_cols.append(kk)
         return self._split(est_cols, bar_cols, kink_cols, self.evaluations - before)
 
     def memoised(self, p: int, col: int, sequence: int = 0) -> bool:
@@ -569,7 +578,7 @@ class FiniteDifferences:
             return self._evaluate_level(p, d[which], h)
 
         def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
-                    h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
             hh = h.reshape(-1, 1)
             scale = _finite_abs_max((plus - minus) / (2 * hh), 1)
             if rows is None:
@@ -701,7 +710,7 @@ class FiniteDifferences:
         eps = self.eps
 
         def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
-                    hs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
             dd, gap, floor = _differences(plus[0], minus[0], f0, hs.reshape(1)[0].reshape(1), eps)
             return dd, gap, floor, torch.ones_like(dd, dtype=torch.bool), _finite_abs_max(dd.unsqueeze(0), 1)
 
@@ -739,7 +748,7 @@ class FiniteDifferences:
         f0_abs = f0.abs()
 
         def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
-                    hs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
             # A few output-sized temporaries at a time (the outputs may be the size of the budget).
             step = float(hs.reshape(-1)[0])
             plus, minus = plus[0], minus[0]

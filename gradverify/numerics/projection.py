@@ -332,6 +332,7 @@ def _columns_of(source: VjpSource, p: int, cols: torch.Tensor) -> dict[int, torc
                     continue
                 if not g.requires_grad:
                     return None
+                jv: torch.Tensor | None
                 try:
                     (jv,) = torch.autograd.grad(g, [u], directions, retain_graph=True, allow_unused=True,
                                                 is_grads_batched=True)

@@ -19,13 +19,18 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradverify.numerics import judge
-from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS, heatmap_from_codes, unravel
+from gradverify.numerics.blocks import (
+    HEATMAP_MAX_COLS,
+    HEATMAP_MAX_ROWS,
+    heatmap_from_codes,
+)
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.finite_diff import RELEASE_SHARE, release_memory
 from gradverify.numerics.judge import Verdict
@@ -192,7 +197,12 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
                    time_limit: float | None = None, mode_note: str = "") -> CheckResult:
     """Every entry, row chunk by row chunk. time_limit (auto mode): raise OverBudget as soon as
     the pass, extrapolated from the rows done, would take longer."""
-    from gradverify.checks.jacobian import SLACK_FACTOR, SLACK_MIN_EPS, assemble, norm_test
+    from gradverify.checks.jacobian import (
+        SLACK_FACTOR,
+        SLACK_MIN_EPS,
+        assemble,
+        norm_test,
+    )
 
     reference = truth.reference.source
     assert reference is not None
@@ -300,12 +310,12 @@ def _scan(st: _Block, a: torch.Tensor, t: torch.Tensor, start: int, tolerance: A
         st.max_err = max(st.max_err, float(torch.where(finite_t, err, torch.zeros_like(err)).max()))
         r, c = torch.nonzero(judge.disagrees(a, t, row_max.unsqueeze(1).expand_as(t), tolerance), as_tuple=True)
         return row_max, r, c, None
-    # A or T non-zero <=> |T| > 0 or |A - T| > 0.
-    _mark_nonzero(st, start, t.shape[0],
-                  lambda lo, hi: (abs_t[lo:hi].amax(dim=0) > 0) | (err[lo:hi].amax(dim=0) > 0))
+    # The heatmap's 'o' marks where the truth is non-zero; where only A is, the entry disagrees
+    # (A != 0 = T beyond atol) or is 0 to the tolerance, and is drawn by its verdict or as zero.
+    _mark_nonzero(st, start, t.shape[0], lambda lo, hi: abs_t[lo:hi].amax(dim=0) > 0)
     st.max_err = max(st.max_err, float(err_max.max()))
-    # allowed - |A - T| with allowed = atol s + rtol |T| (numerics.judge.allowed), in place.
-    margin = abs_t.mul_(tolerance.rtol).add_((tolerance.atol * row_max).unsqueeze(1)).sub_(err)
+    # allowed - |A - T| with allowed = atol s + rtol |T| (numerics.judge.allowed), one pass each.
+    margin = torch.add((tolerance.atol * row_max).unsqueeze(1), abs_t, alpha=tolerance.rtol).sub_(err)
     hot = torch.nonzero(margin.amin(dim=1) < 0).reshape(-1)
     if not hot.numel():
         return row_max, hot, hot, None
