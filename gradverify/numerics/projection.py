@@ -31,8 +31,8 @@ import torch
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import unravel
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
-from gradverify.numerics.finite_diff import RELEASE_SHARE, release_memory
 from gradverify.numerics.judge import Verdict
+from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
 from gradverify.numerics.streaming import units_scale
 from gradverify.numerics.vjp import WORKSPACE_FACTOR, VjpSource
 from gradverify.report import CheckResult, Diagnosis, Mismatch

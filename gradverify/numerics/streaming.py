@@ -32,8 +32,8 @@ from gradverify.numerics.blocks import (
     heatmap_from_codes,
 )
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
-from gradverify.numerics.finite_diff import RELEASE_SHARE, release_memory
 from gradverify.numerics.judge import Verdict
+from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
 from gradverify.numerics.vjp import VjpSource
 from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
 
