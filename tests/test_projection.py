@@ -105,8 +105,9 @@ def test_projection_batches_fit_the_budget() -> None:
 
     leaf = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
     source = VjpSource([(0, leaf * 2)], [(0, leaf)], phase="backward", max_bytes=2**20)
-    # Each cotangent costs (1000 + 3 x 1000) float64 numbers times the workspace factor 4.
-    assert _batch_size(source, 2**20) == 2**20 // (4000 * 8 * 4)
+    # Each cotangent costs (1000 + 3 x 1000) float64 numbers times the workspace factor 4, within
+    # half the budget.
+    assert _batch_size(source, 2**20) == 2**20 // 2 // (4000 * 8 * 4)
     assert _batch_size(source, 1000) == 1
 
 

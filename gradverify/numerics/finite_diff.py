@@ -59,6 +59,10 @@ Tangent = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Floor of the first step, relative to the tensor's rms, for entries at or near zero.
 RELATIVE_FLOOR = 1e-3
+# One batch of perturbed evaluations may take this share of the budget (with its workspace): the
+# rest holds what the check keeps meanwhile (the case's graphs, kept entries, freed pages not yet
+# handed back), so that the whole stays within 1.25 x --max-memory above the process's baseline.
+BATCH_SHARE = 2
 # Whole columns are remembered (the same column asked again by another output's block, or by a
 # later check) within this share of the budget. The judging paths ask for each column once
 # (numerics.colouring: all outputs at once), so this only saves repeated whole-column requests,
@@ -340,7 +344,7 @@ class FiniteDifferences:
         # the tableau of the entries it owns; bounded by the chunk target and by the budget.
         per_dir = 2 * max(1, n + m_total) * max(8, itemsize) + 8 * max(1, m_total) + ENTRY_BYTES * entries_per_dir
         cols = max(8, CHUNK_TARGET_BYTES // per_dir)
-        cols = min(cols, max(1, self.max_bytes // (per_dir * WORKSPACE_FACTOR)))
+        cols = min(cols, max(1, self.max_bytes // BATCH_SHARE // (per_dir * WORKSPACE_FACTOR)))
         return max(1, cols)
 
     # --- the adaptive tableau for one chunk of directions ------------------------------------
@@ -473,9 +477,13 @@ class FiniteDifferences:
         def at(t: float) -> torch.Tensor:
             call = list(self.args)
             for p, v in projected.items():
-                call[p] = (self.args[p].to(torch.float64) + t * v).to(self.args[p].dtype)
+                call[p] = torch.add(self.args[p].to(torch.float64), v, alpha=t).to(self.args[p].dtype)
             self.evaluations += 1
-            return torch.cat([o.reshape(-1).to(torch.float64) for o in self.evaluate(call)])
+            outs = self.evaluate(call)
+            del call
+            if len(outs) == 1:  # one output: no joined copy
+                return outs[0].reshape(-1).to(torch.float64)
+            return torch.cat([o.reshape(-1).to(torch.float64) for o in outs])
 
         def level(which: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             step = float(h.reshape(-1)[0])
@@ -543,7 +551,8 @@ class FiniteDifferences:
             second = torch.add(plus, minus).sub_(f0, alpha=2)
             gap = (u @ second).abs_() / step
             del second
-            bound = torch.maximum(plus.abs(), minus.abs())
+            bound = plus.abs()
+            torch.maximum(bound, minus.abs(), out=bound)
             torch.maximum(bound, f0_abs, out=bound)
             floor = (u_abs @ bound) * (4 * eps / step)
             del bound

@@ -31,6 +31,7 @@ import torch
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import unravel
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
+from gradverify.numerics.finite_diff import BATCH_SHARE
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
 from gradverify.numerics.streaming import units_scale
@@ -95,11 +96,12 @@ def _probe(analytic: VjpSource, seed: int, k: int) -> Probe:
 
 def _batch_size(analytic: VjpSource, budget: int, sides: int = 2) -> int:
     """Cotangents per batched backward: each holds an output-sized cotangent and, per side, an
-    input-sized gradient (float64), times the backward's workspace."""
+    input-sized gradient (float64), times the backward's workspace, within a share of the budget
+    (finite_diff.BATCH_SHARE)."""
     m = sum(int(out.numel()) for out in analytic.outputs.values())
     n = analytic.in_numel()
     per = (m + sides * n + n) * 8 * WORKSPACE_FACTOR
-    return max(1, budget // max(1, per))
+    return max(1, budget // BATCH_SHARE // max(1, per))
 
 
 def _dot(g: dict[int, torch.Tensor], k: int, v: dict[int, torch.Tensor], leaves: list) -> float:  # type: ignore[type-arg]
@@ -283,7 +285,9 @@ def _localise_by_columns(analytic: VjpSource, reference: VjpSource, evidence: _E
         return None
     found: list[tuple[int, int, int, int]] = []
     m_total = sum(int(out.numel()) for out in analytic.outputs.values())
-    batch = max(1, budget // max(1, 3 * m_total * 8 * WORKSPACE_FACTOR))
+    # Per column and side: the direction, J e_j and the double backward's intermediates (twice a
+    # plain backward's workspace).
+    batch = max(1, budget // BATCH_SHARE // max(1, 3 * m_total * 8 * 2 * WORKSPACE_FACTOR))
     calls = 0
     for p, js in chosen.items():
         for k0 in range(0, int(js.numel()), batch):

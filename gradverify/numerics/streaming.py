@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 LETTERS = "ijklmnpqrstuvw"
 
 # One kept entry: row and column (int64), A, R, scale and slack (float64) = 48 bytes, plus its
-# share of judging them all at once (second truth, bar, verdict, allowed, error: ~110 bytes).
-STORE_BYTES_PER_ENTRY = 160
+# share of judging them all at once (second truth, bar, limits, verdict, allowed, error, the
+# group reading's temporaries and the joined copies: measured ~210 bytes an entry in all).
+STORE_BYTES_PER_ENTRY = 256
 # The sparsity pattern of the rows holding kept entries (int32 row and column per non-zero) may
 # take this share of the budget; beyond it compression is off for that input (it is only worth
 # it for sparse rows anyway) and columns are differenced one by one.
