@@ -70,6 +70,7 @@ def test_smallest_detectable_scales_with_tolerance() -> None:
 
 def test_auto_measures_the_pass_and_switches_to_projections_when_it_would_take_too_long(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from gradverify.checks import jacobian
+    from gradverify.numerics import streaming
 
     x = torch.rand(40, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
     fast_enough = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", max_memory=2**20))
@@ -77,6 +78,7 @@ def test_auto_measures_the_pass_and_switches_to_projections_when_it_would_take_t
     assert fast_enough.guarantee.startswith("every entry compared")
     monkeypatch.setattr(jacobian, "AUTO_FULL_SECONDS", 1e-6)  # any measured rate is too slow now
     monkeypatch.setattr(jacobian, "AUTO_NS_PER_ENTRY", 0.0)  # (and the size alone does not decide)
+    monkeypatch.setattr(streaming._Plan, "MEASURE_SECONDS", 0.0)  # decide after 3 chunks, however short
     projected = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", max_memory=2**20))
     auto = dict(projected.details)["auto"]
     assert dict(projected.details)["mode"].startswith("fast") and "was estimated at" in auto

@@ -71,7 +71,8 @@ class OverBudget(Exception):
 class _Plan:
     """--mode auto's cost model for the pass: the first chunk pays one-time costs (vmap setup,
     the batched-backward check, first-touch memory), so the rate is measured on the chunks after
-    it, until MEASURE_CHUNKS more or MEASURE_SECONDS have passed; the whole pass is estimated as
+    it, over at least MEASURE_CHUNKS of them and MEASURE_SECONDS (a few tens of milliseconds
+    misjudged a pass by 7x once on a shared machine); the whole pass is estimated as
     first + rate x the rest, and the decision is taken once (a later stall does not throw away a
     check that was going to finish). Time is the CPU time of the thread running the check, not
     the wall clock: the decision then depends on the op and the machine, not on what else the
@@ -80,7 +81,7 @@ class _Plan:
     a core on a loaded machine, and that would count (measured 5-10x inflated)."""
 
     MEASURE_CHUNKS = 3
-    MEASURE_SECONDS = 0.5
+    MEASURE_SECONDS = 0.3
 
     def __init__(self, rows_total: int, limit: float) -> None:
         self.rows_total = rows_total
@@ -100,7 +101,7 @@ class _Plan:
             return
         first_rows, first_s = self.first
         spent = now - self.started - first_s
-        if self.chunks - 1 < self.MEASURE_CHUNKS and spent < self.MEASURE_SECONDS:
+        if self.chunks - 1 < self.MEASURE_CHUNKS or spent < self.MEASURE_SECONDS:
             return
         self.decided = True
         rate = spent / max(1, rows_done - first_rows)
