@@ -320,8 +320,12 @@ class FiniteDifferences:
                 kinks[start * m_total:stop * m_total] = kink
             return Estimates(values, bars, kinks, self.evaluations - before)
         assert owner is not None and rows is not None
-        order = torch.argsort(owner, stable=True)
-        sorted_owner = owner[order]
+        if owner.numel() < 2 or bool((owner[1:] >= owner[:-1]).all()):
+            order = torch.arange(int(owner.numel()))  # already grouped by direction
+            sorted_owner = owner
+        else:
+            order = torch.argsort(owner, stable=True)
+            sorted_owner = owner[order]
         bounds = torch.searchsorted(sorted_owner, torch.arange(0, k_total + 1, dtype=torch.long))
         for start in range(0, k_total, chunk):
             stop = min(k_total, start + chunk)

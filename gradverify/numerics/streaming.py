@@ -29,11 +29,15 @@ from gradverify.numerics import judge
 from gradverify.numerics.blocks import (
     HEATMAP_MAX_COLS,
     HEATMAP_MAX_ROWS,
-    heatmap_from_codes,
 )
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
+from gradverify.numerics.streamed_findings import (
+    analytic_nonzero,
+    heatmap,
+    sparse_diagnosis,
+)
 from gradverify.numerics.vjp import VjpSource
 from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
 
@@ -323,10 +327,11 @@ def _scan(st: _Block, a: torch.Tensor, t: torch.Tensor, start: int, tolerance: A
         return row_max, hot, hot, None
     # Only entries where A or T is non-zero can disagree: find those once (they are also the
     # sparsity pattern the compressed differences need), then test the margin there.
+    # (|T| + |A - T| is non-zero exactly where A or T is, both terms being finite and >= 0.)
     if hot.numel() == t.shape[0]:
-        pr, pc = torch.nonzero(t.ne(0).logical_or_(a.ne(0)), as_tuple=True)
+        pr, pc = torch.nonzero(torch.add(abs_t, err), as_tuple=True)
     else:
-        pr, pc = torch.nonzero(t[hot].ne(0).logical_or_(a[hot].ne(0)), as_tuple=True)
+        pr, pc = torch.nonzero(torch.add(abs_t[hot], err[hot]), as_tuple=True)
         pr = hot[pr]
     negative = margin[pr, pc] < 0
     return row_max, pr[negative], pc[negative], (pr, pc)
@@ -404,12 +409,12 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
             unverifiable += int(((v == int(Verdict.UNVERIFIABLE)) | (v == int(Verdict.KINK))).sum())
             kinks += int((v == int(Verdict.KINK)).sum())
             excused += int((v == int(Verdict.EXCUSED)).sum())
-            listed.append(_listed(ctx, o, p, st, bad, r, c, a[mine], t[mine], allowed[mine], f[mine], cap))
+            listed.append(listed(ctx, o, p, st, bad, r, c, a[mine], t[mine], allowed[mine], f[mine], cap))
             if n_bad or bool((v != int(Verdict.AGREE)).any()):
-                heatmaps.append(_heatmap(st, names[o], ctx.input_names[p], r, c, v))
+                heatmaps.append(heatmap(st, names[o], ctx.input_names[p], r, c, v))
             if n_bad:
                 diagnoses.append(sparse_diagnosis(names[o], ctx.input_names[p], st, r[bad], c[bad], a[mine][bad],
-                                                  allowed[mine][bad], _analytic_nonzero(analytic, o, p)))
+                                                  allowed[mine][bad], analytic_nonzero(analytic, o, p)))
         del verdict, rows, cols, a, t, f, allowed
         release_memory()
     # Each block's list is sorted already (worst first): merge them, and keep the worst `cap`.
@@ -490,94 +495,6 @@ def units_scale(out: torch.Tensor, leaf: torch.Tensor) -> float:
     out_rms = float(out.detach().double().pow(2).mean().sqrt()) if out.numel() else 0.0
     in_rms = float(leaf.detach().double().pow(2).mean().sqrt()) if leaf.numel() else 0.0
     return out_rms / in_rms if out_rms > 0 and in_rms > 0 else 1.0
-
-
-def _listed(ctx: CaseContext, o: int, p: int, st: _Block, bad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-            a: torch.Tensor, t: torch.Tensor, allowed: torch.Tensor, f: torch.Tensor, cap: int) -> list[Mismatch]:
-    """The block's worst mismatches (at most `cap`): the count stays exact, the list is capped."""
-    idx = torch.nonzero(bad).reshape(-1)
-    if not idx.numel():
-        return []
-    err = torch.where(torch.isfinite(a[idx]), (a[idx] - t[idx]).abs(), torch.full_like(a[idx], math.inf))
-    order = idx[torch.argsort(err, descending=True, stable=True)][:cap]
-    out_index = unravel_all(rows[order], st.out_shape)
-    in_index = unravel_all(cols[order], st.in_shape)
-    fields = [t[order].tolist(), a[order].tolist(), allowed[order].tolist(), f[order].tolist()]
-    return [Mismatch(output=ctx.output_names[o], input=ctx.input_names[p], out_index=oi, in_index=ii, expected=tv,
-                     got=av, tolerance=al, second=fv)
-            for oi, ii, tv, av, al, fv in zip(out_index, in_index, *fields)]
-
-
-def unravel_all(flat: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """numerics.blocks.unravel for many flat indices at once."""
-    if not shape:
-        return [() for _ in range(int(flat.numel()))]
-    parts = []
-    rest = flat.to(torch.long)
-    for size in reversed(shape):
-        parts.append(rest % max(1, size))
-        rest = rest // max(1, size)
-    return [tuple(index) for index in torch.stack(parts[::-1], dim=1).tolist()]
-
-
-def _heatmap(st: _Block, out_name: str, in_name: str, rows: torch.Tensor, cols: torch.Tensor,
-             verdict: torch.Tensor) -> Heatmap:
-    rb, cb = min(st.m, HEATMAP_MAX_ROWS), min(st.n, HEATMAP_MAX_COLS)
-    codes = st.nonzero.clone() if st.nonzero is not None else torch.zeros((rb, cb), dtype=torch.int8)
-    for mask, code in (((verdict != int(Verdict.AGREE)) & (verdict != int(Verdict.MISMATCH)), 2),
-                       (verdict == int(Verdict.MISMATCH), 3)):
-        if bool(mask.any()):
-            r = rows[mask] * rb // st.m
-            c = cols[mask] * cb // st.n
-            codes[r, c] = torch.maximum(codes[r, c], torch.tensor(code, dtype=torch.int8))
-    return heatmap_from_codes(out_name, in_name, st.out_shape, st.in_shape, codes)
-
-
-def _analytic_nonzero(analytic: VjpSource, o: int, p: int) -> bool:
-    """Whether block (o, p) of the analytic Jacobian has any non-zero entry: A^T u for one random
-    Gaussian u is zero for a non-zero A with probability 0 (one backward instead of a pass)."""
-    out = analytic.outputs[o]
-    u = torch.randn((1, *out.shape), generator=torch.Generator().manual_seed(991), dtype=torch.float64)
-    return bool((analytic.vjp({o: u})[p] != 0).any())
-
-
-def sparse_diagnosis(out_name: str, in_name: str, st: _Block, rows: torch.Tensor, cols: torch.Tensor,
-                     a: torch.Tensor, allowed: torch.Tensor, analytic_nonzero: bool) -> Diagnosis:
-    """The patterns a streamed comparison can establish from the wrong entries alone."""
-    deriv = f"∂{out_name}/∂{in_name}"
-    n_bad = int(rows.numel())
-    zero_at_bad = bool((a.abs() <= allowed).all())
-    if zero_at_bad and not analytic_nonzero:
-        return Diagnosis("zero_grad", f"{deriv} is all zero in the backward, but {n_bad} entries of the truth are not",
-                         output=out_name, input=in_name,
-                         hint=f"the gradient for {in_name} is never computed (zeros_like, a detach, or a wrong return "
-                              "slot)")
-    if zero_at_bad:
-        coupling = ""
-        if st.out_shape == st.in_shape and st.out_shape:
-            differs = torch.zeros(len(st.out_shape), dtype=torch.bool)
-            rest_r, rest_c = rows.to(torch.long), cols.to(torch.long)
-            for d in reversed(range(len(st.out_shape))):
-                size = max(1, st.out_shape[d])
-                differs[d] = bool(((rest_r % size) != (rest_c % size)).any())
-                rest_r, rest_c = rest_r // size, rest_c // size
-            dims = {d for d in range(len(st.out_shape)) if bool(differs[d])}
-            if dims:
-                text = ", ".join(map(str, sorted(dims)))
-                coupling = f"; coupling along dim {text}, as through a sum over dim {text}"
-        return Diagnosis("missing_offdiag",
-                         f"missing off-diagonal terms: {deriv} is 0 in the backward at all {n_bad} wrong entries, where "
-                         f"the truth couples the output to them{coupling}",
-                         output=out_name, input=in_name,
-                         evidence=f"{n_bad}/{n_bad} wrong entries are 0 in the backward (streamed comparison)",
-                         hint="the backward treats the op as element-wise: add the term that flows back through the "
-                              "reduction in forward")
-    if n_bad <= 3:
-        return Diagnosis("partial", f"{n_bad} of {st.entries} entries of {deriv} are wrong", output=out_name,
-                         input=in_name, hint="a boundary case or one index of the formula is wrong")
-    return Diagnosis("other", f"{deriv}: {n_bad} of {st.entries} entries differ (too large for the whole-block "
-                              "pattern rules: re-run at a smaller shape for a full diagnosis)",
-                     output=out_name, input=in_name, hint="the entries are listed; a smaller --shape names the pattern")
 
 
 __all__ = ["OverBudget", "sparse_diagnosis", "streamed_check", "units_scale"]
