@@ -363,7 +363,7 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
     names = ctx.output_names
     offsets = fd.row_offsets()
     mismatches: list[Mismatch] = []
-    listed: list[list[Mismatch]] = []
+    per_block: list[list[Mismatch]] = []
     total_bad = unverifiable = kinks = excused = 0
     lower_bound = store.overflow > 0
     sampled = False
@@ -409,7 +409,7 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
             unverifiable += int(((v == int(Verdict.UNVERIFIABLE)) | (v == int(Verdict.KINK))).sum())
             kinks += int((v == int(Verdict.KINK)).sum())
             excused += int((v == int(Verdict.EXCUSED)).sum())
-            listed.append(listed(ctx, o, p, st, bad, r, c, a[mine], t[mine], allowed[mine], f[mine], cap))
+            per_block.append(listed(ctx, o, p, st, bad, r, c, a[mine], t[mine], allowed[mine], f[mine], cap))
             if n_bad or bool((v != int(Verdict.AGREE)).any()):
                 heatmaps.append(heatmap(st, names[o], ctx.input_names[p], r, c, v))
             if n_bad:
@@ -418,11 +418,11 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
         del verdict, rows, cols, a, t, f, allowed
         release_memory()
     # Each block's list is sorted already (worst first): merge them, and keep the worst `cap`.
-    if len(listed) == 1:
-        mismatches = listed[0]
-    elif listed:
+    if len(per_block) == 1:
+        mismatches = per_block[0]
+    elif per_block:
         # Non-finite analytic values count as infinitely wrong, as in _listed.
-        merged = heapq.merge(*listed, key=lambda mm: -mm.abs_err if mm.abs_err == mm.abs_err else -math.inf)
+        merged = heapq.merge(*per_block, key=lambda mm: -mm.abs_err if mm.abs_err == mm.abs_err else -math.inf)
         mismatches = list(itertools.islice(merged, cap))
     mode = (f"full: every entry, streamed in {chunks} row chunks within --max-memory "
             f"{ctx.settings.max_memory / 2**20:.0f} MiB; only disagreeing entries kept")
