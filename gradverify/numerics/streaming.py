@@ -26,18 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradverify.numerics import judge
-from gradverify.numerics.blocks import (
-    HEATMAP_MAX_COLS,
-    HEATMAP_MAX_ROWS,
-)
+from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
-from gradverify.numerics.streamed_findings import (
-    analytic_nonzero,
-    heatmap,
-    sparse_diagnosis,
-)
+from gradverify.numerics.streamed_findings import analytic_nonzero, heatmap, listed, sparse_diagnosis
 from gradverify.numerics.vjp import VjpSource
 from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
 
@@ -421,7 +414,7 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
     if len(per_block) == 1:
         mismatches = per_block[0]
     elif per_block:
-        # Non-finite analytic values count as infinitely wrong, as in _listed.
+        # Non-finite analytic values count as infinitely wrong, as in streamed_findings.listed.
         merged = heapq.merge(*per_block, key=lambda mm: -mm.abs_err if mm.abs_err == mm.abs_err else -math.inf)
         mismatches = list(itertools.islice(merged, cap))
     mode = (f"full: every entry, streamed in {chunks} row chunks within --max-memory "
