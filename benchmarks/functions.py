@@ -119,3 +119,121 @@ class ScaleWithOneWrongEntry(torch.autograd.Function):
         flat = grad.reshape(-1).clone()
         flat[ScaleWithOneWrongEntry.WRONG_INDEX] = flat[ScaleWithOneWrongEntry.WRONG_INDEX] * 1.5
         return flat.reshape(grad_output.shape)
+
+
+class ColumnNormalizeDiagonalOnly(torch.autograd.Function):
+    """BUG: y = x / x.sum(0) with only the diagonal of each column's Jacobian (drops the coupling
+    -x_i / s^2 to the other entries of the column)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        s = x.sum(0)
+        ctx.save_for_backward(x, s)
+        return x / s
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        x, s = ctx.saved_tensors
+        return grad_output * (1 / s - x / s**2)
+
+
+class ColumnNormalizeScaled(torch.autograd.Function):
+    """BUG: the right gradient of x / x.sum(0), times 1.5 (every non-zero entry wrong)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        s = x.sum(0)
+        ctx.save_for_backward(x, s)
+        return x / s
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        x, s = ctx.saved_tensors
+        return 1.5 * (grad_output / s - (grad_output * x).sum(0) / s**2)
+
+
+class ColumnNormalizeOneWrongEntry(torch.autograd.Function):
+    """BUG: the right gradient of x / x.sum(0) plus 0.5 at one entry: d out[1, 5] / d x[3, 5]
+    is off by 0.5 (the only wrong entry of the Jacobian)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        s = x.sum(0)
+        ctx.save_for_backward(x, s)
+        return x / s
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        x, s = ctx.saved_tensors
+        grad = grad_output / s - (grad_output * x).sum(0) / s**2
+        extra = torch.zeros_like(grad)
+        extra[3, 5] = 0.5 * grad_output[1, 5]
+        return grad + extra
+
+
+def _square(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A positive (n, n) input (column sums far from zero), n = sqrt(size)."""
+    import math
+
+    n = int(round(math.sqrt(size)))
+    return (torch.rand(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5,)
+
+
+def _rows64(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    cols = min(size, 64)
+    return (torch.randn(size // cols, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),)
+
+
+def _pair(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    import math
+
+    s = max(2, int(round(math.sqrt(size / 2))))
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(s, s, generator=gen, dtype=torch.float64), torch.randn(s, s, generator=gen, dtype=torch.float64))
+
+
+def _vector(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),)
+
+
+# name -> (Function, inputs of about `size` elements). Right ops first, then the failing ones.
+CASES = {
+    "column_normalize": (ColumnNormalize, _square),
+    "softmax": (Softmax, _rows64),
+    "matmul": (MatMul, _pair),
+    "sin_tanh": (SinTimesTanh, _vector),
+    "column_normalize_diagonal": (ColumnNormalizeDiagonalOnly, _square),
+    "column_normalize_scaled": (ColumnNormalizeScaled, _square),
+    "column_normalize_one_wrong": (ColumnNormalizeOneWrongEntry, _square),
+    "softmax_diagonal": (SoftmaxDiagonalOnly, _rows64),
+}
+
+
+class SineWithoutGraph(torch.autograd.Function):
+    """y = sin(x) computed under no_grad (as a kernel would be): autograd through the forward
+    body sees no graph, so there is no reference and finite differences are the only truth."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return grad_output * torch.cos(x)
+
+
+CASES["sine_without_graph"] = (SineWithoutGraph, _vector)
+
+
+def _square_normal(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    import math
+
+    n = int(round(math.sqrt(size)))
+    return (torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64),)
+
+
+CASES["row_softmax"] = (Softmax, _square_normal)
+CASES["row_softmax_diagonal"] = (SoftmaxDiagonalOnly, _square_normal)

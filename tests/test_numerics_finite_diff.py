@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from gradverify.numerics.finite_diff import FiniteDifferences, first_steps
+from gradverify.numerics.finite_diff import START_LEVELS, FiniteDifferences, first_steps
 
 
 def fd(f, x: torch.Tensor, **options) -> FiniteDifferences:  # type: ignore[no-untyped-def]
@@ -166,3 +166,70 @@ def test_a_linear_map_with_cancelling_rows_gets_a_bar_for_every_entry() -> None:
         unbarred += int((~torch.isfinite(bar)).sum())
         assert float((est - a).abs().max() / a.abs().max()) < 1e-9, seed
     assert unbarred == 0
+
+
+def test_entries_post_process_only_the_judged_entries_and_equal_whole_columns() -> None:
+    x = torch.rand(6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+
+    def evaluate(args: list) -> tuple[torch.Tensor, ...]:  # type: ignore[type-arg]
+        return (args[0] / args[0].sum(0), torch.sin(args[0]).sum(1))
+
+    f = FiniteDifferences(evaluate, [x], [0], [0, 1])
+    directions = f.unit_directions(0, torch.arange(30))
+    whole = f.directions(0, directions)
+    stacked = torch.cat([whole.estimates[0], whole.estimates[1]])  # rows: 30 of out 0, then 6 of out 1
+    owner = torch.tensor([0, 3, 3, 7, 29, 12])
+    rows = torch.tensor([0, 5, 31, 34, 2, 30])
+    got = f.entries(0, directions, owner, rows)
+    assert got.values.shape == (6,)
+    assert torch.equal(got.values, stacked[rows, owner])
+    assert f.row_offsets() == {0: 0, 1: 30}
+
+
+def test_a_loose_bar_target_stops_refining_where_the_verdict_is_clear() -> None:
+    # exp at large x: the first levels' bar is far above 1e-9 relative, so the default target
+    # refines to more levels; a bar target of 1e-3 (a disagreement of ~4e-3) is met as soon as
+    # the bar is first read.
+    x = torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64)
+    owner, rows = torch.arange(3), torch.arange(3)
+    fine = fd(torch.exp, x, target=1e-12)
+    fine.entries(0, fine.unit_directions(0, torch.arange(3)), owner, rows)
+    loose = fd(torch.exp, x, target=1e-12)
+    got = loose.entries(0, loose.unit_directions(0, torch.arange(3)), owner, rows,
+                        limits=torch.full((3,), 1e-3))
+    # f(x), then 3 directions x START_LEVELS levels x 2 sides: no level past the first verdict point
+    assert loose.evaluations == 1 + 2 * 3 * START_LEVELS
+    assert fine.evaluations > loose.evaluations
+    assert bool(((got.values - torch.exp(x)).abs() <= got.bars).all()) and float(got.bars.max()) <= 1e-3
+
+
+def test_contracted_differences_equal_the_contracted_whole_and_hold_no_per_entry_tableau() -> None:
+    x = torch.rand(6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    f = FiniteDifferences(lambda args: (args[0] / args[0].sum(0), torch.sin(args[0]).sum(1)), [x], [0], [0, 1])
+    gen = torch.Generator().manual_seed(9)
+    v = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    u0, u1 = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64), torch.randn(2, 6, generator=gen,
+                                                                                    dtype=torch.float64)
+    (e0, e1), _ = f.directional({0: v})
+    values, bars = f.contracted({0: v}, {0: u0, 1: u1})
+    assert values.shape == bars.shape == (2,)
+    whole = u0.reshape(2, -1) @ e0.reshape(-1) + u1 @ e1
+    assert torch.allclose(values, whole, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(lambda a: torch.cat([(a / a.sum(0)).reshape(-1), torch.sin(a).sum(1)]),
+                                             x).reshape(36, 30)
+    exact = torch.cat([u0.reshape(2, -1), u1], 1) @ (jac @ v.reshape(-1))
+    assert bool(((values - exact).abs() <= bars).all())
+
+
+def test_explicit_steps_per_direction_are_used() -> None:
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    seen: list[float] = []
+
+    def evaluate(args: list) -> tuple[torch.Tensor, ...]:  # type: ignore[type-arg]
+        seen.append(float((args[0] - x).abs().max()))
+        return (args[0] ** 3,)
+
+    f = FiniteDifferences(evaluate, [x], [0], [0])
+    f.entries(0, f.unit_directions(0, torch.tensor([1])), torch.tensor([0]), torch.tensor([1]),
+              steps=torch.tensor([2.0 ** -12]))
+    assert seen[1] == 2.0 ** -12  # the first perturbed call

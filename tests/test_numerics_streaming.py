@@ -66,3 +66,32 @@ def test_smallest_detectable_scales_with_tolerance() -> None:
     small, large = smallest_detectable(1e-9), smallest_detectable(1e-6)
     assert math.isclose(large / small, 1000, rel_tol=1e-6)
     assert 1e-9 < small < 1e-6  # four probes: a few tens of tolerances
+
+
+def test_auto_measures_the_pass_and_switches_to_projections_when_it_would_take_too_long(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from gradverify.checks import jacobian
+    from gradverify.numerics import streaming
+
+    x = torch.rand(40, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    fast_enough = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", max_memory=2**20))
+    assert "streamed" in dict(fast_enough.details)["mode"] and dict(fast_enough.details)["auto"].startswith("full")
+    assert fast_enough.guarantee.startswith("every entry compared")
+    monkeypatch.setattr(jacobian, "AUTO_FULL_SECONDS", 1e-6)  # any measured rate is too slow now
+    monkeypatch.setattr(jacobian, "AUTO_NS_PER_ENTRY", 0.0)  # (and the size alone does not decide)
+    monkeypatch.setattr(streaming._Plan, "MEASURE_SECONDS", 0.0)  # decide after 3 chunks, however short
+    projected = _jacobian(gradverify.verify(ColumnNormalizeDiagonal, x, gradcheck="off", max_memory=2**20))
+    auto = dict(projected.details)["auto"]
+    assert dict(projected.details)["mode"].startswith("fast") and "was estimated at" in auto
+    assert "rows after the first chunk" in auto and not projected.status.ok
+
+
+def test_kept_pattern_holds_one_row_per_distinct_column_set() -> None:
+    from gradverify.numerics.streaming import _Store
+
+    store = _Store(entry_cap=10**6, pattern_cap=10**6)
+    # Rows 0..5 of a column normalisation on (3, 2): row (i, j) holds columns (k, j) for every k.
+    rows = torch.arange(6).repeat_interleave(3)
+    cols = torch.tensor([[k * 2 + (i % 2) for k in range(3)] for i in range(6)]).reshape(-1)
+    store.keep_pattern(0, 6, rows, cols)
+    kept_rows, kept_cols = store.pattern(0)  # type: ignore[misc]
+    assert torch.unique(kept_rows).tolist() == [0, 1] and kept_cols.numel() == 6

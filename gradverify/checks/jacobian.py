@@ -17,6 +17,7 @@ accuses only when finite differences along the offending direction confirm it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ from gradverify.checks.base import CaseContext, Truth
 from gradverify.diagnose import diagnose
 from gradverify.numerics import judge
 from gradverify.numerics.blocks import BlockComparison, all_mismatches, heatmap_of
+from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.finite_diff import FiniteDifferences
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.tolerance import Tolerance
@@ -35,13 +37,25 @@ from gradverify.usercode import UserCodeError
 
 NAME = "jacobian"
 
-# --mode auto checks every entry up to this many Jacobian entries (16,384 x 16,384: a full check
-# streams each entry a few times, ~10 s on a 2-core machine) and uses projections beyond it.
-AUTO_FULL_MAX_ENTRIES = 2**28
-# The comparison of one dense block holds analytic, truth, second truth, bars, allowed and
-# masks at once: about 8 float64 copies of the block. Beyond --max-memory / 8, stream.
-DENSE_COPIES = 8
-# Whole blocks are compared directly up to this working set (~130k entries); larger Jacobians
+# --mode auto: a full check (every entry) when it is estimated to take at most AUTO_FULL_SECONDS
+# of CPU time, projections beyond. The estimate is measured on the case: the streamed pass times
+# its first row chunks (both backwards and the comparison) and extrapolates (numerics.streaming
+# _Plan); before that, a Jacobian so large that even AUTO_NS_PER_ENTRY per entry exceeds the
+# limit goes straight to projections. 2 ns an entry is below what the comparison alone costs
+# (measured ~25 ns an entry for the whole pass of a 4,096 x 4,096 Jacobian on a 2-core Xeon,
+# ~6 of them in the comparison), so the shortcut never takes away a full check that would have
+# fit. 40 CPU seconds is "tens of seconds" of wall clock with torch's threads sharing the work
+# (a full check of 16,384 x 16,384 entries, 2^28, measured 6 CPU s passing and ~11 failing on one
+# thread, stays full); the failing path adds its finite differences, bounded by
+# colouring.MAX_CONFIRM_COLUMNS.
+AUTO_FULL_SECONDS = 40.0
+AUTO_NS_PER_ENTRY = 2.0
+# The comparison of one dense block holds at once: A (and its float64 copy below float64), the
+# truth, finite differences and their bars, the allowed error, |A - truth|, verdicts and masks,
+# the second truth for the mismatch list, and the diagnosis' temporaries: about 12 float64
+# copies of the block. Beyond --max-memory / 12, stream (or, without a reference, project).
+DENSE_COPIES = 12
+# Whole blocks are compared directly up to this working set (~90k entries); larger Jacobians
 # are streamed (measured 2-4x faster at 4M+ entries: whole blocks fall out of cache).
 DENSE_MAX_BYTES = 8 * 2**20
 # Random cotangents for the norm-wise test.
@@ -67,31 +81,77 @@ class JacobianCheck:
             return [ctx.user_error(NAME, exc)]
 
     def _run(self, ctx: CaseContext) -> CheckResult:
+        from gradverify.numerics.projection import projected_check
+        from gradverify.numerics.streaming import OverBudget, streamed_check
+
         analytic = ctx.analytic
         truth = ctx.truth
         entries = total_entries(analytic)
         mode = ctx.settings.mode
-        if mode == "auto":
-            mode = "full" if entries <= AUTO_FULL_MAX_ENTRIES else "fast"
-        budget = min(ctx.settings.max_memory, DENSE_MAX_BYTES) if truth.reference.usable else ctx.settings.max_memory
+        budget = ctx.settings.max_memory
+        usable = truth.reference.usable
         if mode == "fast":
-            from gradverify.numerics.projection import projected_check
-
             return projected_check(ctx, analytic, truth, entries)
-        if fits_dense(entries, budget):
-            return dense_check(ctx, analytic, truth, entries)
-        if truth.reference.usable:
-            from gradverify.numerics.streaming import streamed_check
-
-            return streamed_check(ctx, analytic, truth, entries)
-        if fits_dense(entries, ctx.settings.max_memory * 4):
-            return dense_check(ctx, analytic, truth, entries)
-        from gradverify.numerics.projection import projected_check
-
+        auto = mode == "auto"
+        if auto and entries * AUTO_NS_PER_ENTRY * 1e-9 > AUTO_FULL_SECONDS:
+            return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
+                                   f"a full check of {entries:,} entries would take at least "
+                                   f"{entries * AUTO_NS_PER_ENTRY * 1e-9:,.3g} s (> {AUTO_FULL_SECONDS:.3g} s)")
+        if fits_dense(entries, min(budget, DENSE_MAX_BYTES) if usable else budget):
+            if auto and not usable:
+                estimate = _finite_differences_cost(truth, analytic, entries)
+                if estimate > AUTO_FULL_SECONDS:
+                    return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
+                                           f"without a usable reference every column needs finite differences: "
+                                           f"estimated at {estimate:,.3g} s for {entries:,} entries "
+                                           f"(> {AUTO_FULL_SECONDS:.3g} s)")
+            result = dense_check(ctx, analytic, truth, entries)
+            return _auto_full(result, "a small Jacobian: every entry") if auto else result
+        if usable:
+            try:
+                result = streamed_check(ctx, analytic, truth, entries,
+                                        time_limit=AUTO_FULL_SECONDS if auto else None)
+            except OverBudget as over:
+                return _auto_projected(ctx, projected_check(ctx, analytic, truth, entries),
+                                       f"a full check of {entries:,} entries was estimated at "
+                                       f"{over.estimate_s:,.3g} s of CPU "
+                                       f"(> {AUTO_FULL_SECONDS:.3g} s; measured: {over.measured})")
+            return _auto_full(result, f"estimated within {AUTO_FULL_SECONDS:.3g} CPU s") if auto else result
         result = projected_check(ctx, analytic, truth, entries)
-        return replace(result, notes=result.notes + (
-            "no usable reference and the Jacobian is too large to hold for finite differences: checked by "
-            "projections",))
+        result = replace(result, notes=result.notes + (
+            "no usable reference and the Jacobian is too large to hold for finite differences within --max-memory: "
+            "checked by projections",))
+        return _auto_projected(ctx, result, "no usable reference, and the Jacobian is too large to hold for "
+                                            "finite differences within --max-memory") if auto else result
+
+
+# Finite differences alone (no usable reference) take every column: about FD_EVALUATIONS_PER_COLUMN
+# forward calls each (2 a level, 3-5 levels, the confirmation of mismatches by a second step
+# sequence) and FD_SECONDS_PER_ENTRY for the tableau and verdicts of each entry (measured: 7,172
+# forward calls and 23 us an entry for an 800-element sin(x) on a 2-core machine).
+FD_EVALUATIONS_PER_COLUMN = 9
+FD_SECONDS_PER_ENTRY = 25e-6
+
+
+def _finite_differences_cost(truth: Truth, analytic: VjpSource, entries: int) -> float:
+    """Seconds the finite-difference-only full check would take: one forward call timed here."""
+    fd = truth.fd
+    start = time.thread_time()
+    fd.evaluate(fd.args)
+    forward = time.thread_time() - start
+    return analytic.in_numel() * FD_EVALUATIONS_PER_COLUMN * forward + entries * FD_SECONDS_PER_ENTRY
+
+
+def _auto_full(result: CheckResult, why: str) -> CheckResult:
+    """--mode auto chose the full check: say so, and what it guarantees."""
+    guarantee = result.guarantee or "every entry compared"
+    return replace(result, details=result.details + (("auto", f"full check ({why})"),), guarantee=guarantee)
+
+
+def _auto_projected(ctx: CaseContext, result: CheckResult, why: str) -> CheckResult:
+    """--mode auto chose projections: say why, and that the guarantee is probabilistic."""
+    return replace(result, details=result.details + (("auto", f"projections: {why}; --mode full checks every "
+                                                              "entry"),))
 
 
 def total_entries(source: VjpSource) -> int:
@@ -116,8 +176,10 @@ def dense_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: in
     """Whole blocks: per-entry verdicts, finite differences where needed, full diagnosis."""
     leaves = dict(analytic.leaves)
     a_blocks = {(o, p): block for o in analytic.outputs for p, block in analytic.blocks(o).items()}
-    comparisons, fd_columns = judge_blocks(ctx.tolerance, a_blocks, analytic.outputs, leaves, truth,
-                                           ctx.output_names, ctx.input_names)
+    comparisons, fd_columns, described = judged_blocks(ctx.tolerance, a_blocks, analytic.outputs, leaves, truth,
+                                                       ctx.output_names, ctx.input_names)
+    sampled = SAMPLED in described
+    described = [text for text in described if text != SAMPLED]
     nonfinite = sum(int((~torch.isfinite(c.truth)).sum()) for c in comparisons)
     mismatches, count = all_mismatches(comparisons, ctx.settings.mismatch_cap)
     diagnoses = diagnose(comparisons) if count else []
@@ -125,8 +187,9 @@ def dense_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: in
                ("analytic", _analytic_detail(analytic)),
                ("truth", truth.description),
                ("tolerance", ctx.tolerance.describe()),
-               ("finite differences", f"{fd_columns} column{'s' if fd_columns != 1 else ''} ({truth.fd.path}); "
-                                      f"{truth.fd.evaluations} forward evaluations")]
+               ("finite differences", ("; ".join(described) if described else
+                                       f"{fd_columns} column{'s' if fd_columns != 1 else ''}")
+                + f" ({truth.fd.path}); {truth.fd.evaluations} forward evaluations in all")]
     if nonfinite:
         details.append(("nonfinite truth", f"{nonfinite} entries of the truth are NaN/Inf: not judged"))
     extra: list[Diagnosis] = []
@@ -138,7 +201,15 @@ def dense_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: in
                     kinks=sum(int(c.kinks.sum()) for c in comparisons),
                     excused=sum(int((c.verdict == int(Verdict.EXCUSED)).sum()) for c in comparisons),
                     heatmaps=tuple(heatmap_of(c) for c in comparisons if c.mismatch_count),
-                    max_err=max((c.max_abs_err for c in comparisons), default=0.0))
+                    max_err=max((c.max_abs_err for c in comparisons), default=0.0),
+                    lower_bound=sampled and count > 0,
+                    notes=(f"the entries to cross-check span more than {MAX_CONFIRM_COLUMNS} columns that finite "
+                           "differences must take one by one: a sample of them was checked (the others are not "
+                           "judged) and the count is a lower bound",) if sampled else ())
+
+
+# Marks, among the second-truth descriptions, that a sample of the columns was differenced.
+SAMPLED = "sampled"
 
 
 # An entry may also differ from the truth by SLACK_FACTOR times the change of the truth itself
@@ -158,7 +229,16 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
                  out_names: dict[int, str], in_names: Sequence[str]) -> tuple[list[BlockComparison], int]:
     """Verdicts for whole analytic blocks {(o, p): out.shape + in.shape} against the truths
     (numerics.judge); returns the comparisons and the number of finite-difference columns."""
+    comparisons, fd_columns, _ = judged_blocks(tolerance, a_blocks, outputs, leaves, truth, out_names, in_names)
+    return comparisons, fd_columns
+
+
+def judged_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Tensor],
+                  outputs: dict[int, torch.Tensor], leaves: dict[int, torch.Tensor], truth: Truth,
+                  out_names: dict[int, str], in_names: Sequence[str]) -> tuple[list[BlockComparison], int, list[str]]:
+    """judge_blocks, plus how the second truth was obtained (one text per input differenced)."""
     fd = truth.fd
+    described: list[str] = []
     reference = truth.reference
     r_blocks = {o: reference.source.blocks(o) for o in outputs} if reference.source is not None else None
     use_reference = reference.usable and r_blocks is not None
@@ -183,7 +263,7 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
     verdicts: dict[tuple[int, int], torch.Tensor] = {}
     scales: dict[tuple[int, int], torch.Tensor] = {}
     slacks: dict[tuple[int, int], torch.Tensor] = {}
-    disagree_cols: dict[int, torch.Tensor] = {}
+    moved_blocks: dict[int, dict[int, torch.Tensor]] = {}
     for (o, p), t in t_flat.items():
         a = a_flat[(o, p)]
         scale = judge.row_scales(t, _fallback_scale(t, case_max, outputs[o], leaves[p])).unsqueeze(1).expand_as(t)
@@ -194,13 +274,11 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
             verdict[~torch.isfinite(t)] = int(Verdict.UNVERIFIABLE)
             disagree = judge.disagrees(a, t, scale, tolerance)
             if bool(disagree.any()):
-                slack = _reference_slack(truth, o, p, t, tolerance.eps)
+                slack = _reference_slack(truth, o, p, t, tolerance.eps, moved_blocks)
                 if slack is not None:
                     slacks[(o, p)] = slack
                     disagree = judge.disagrees(a, t, scale, tolerance, slack)
             verdict[disagree] = int(Verdict.UNVERIFIABLE)  # pending finite differences
-            hit = disagree.any(dim=0)
-            disagree_cols[p] = hit if p not in disagree_cols else (disagree_cols[p] | hit)
         else:
             f, bar, kink = f_blocks[(o, p)]
             verdict = judge.finite_differences_only(a, f.double(), bar.double(), kink, scale, tolerance)
@@ -211,29 +289,8 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
         verdicts[(o, p)] = verdict
     seconds: dict[tuple[int, int], torch.Tensor] = {}
     if use_reference:
-        for p, hit in disagree_cols.items():
-            cols = torch.nonzero(hit).reshape(-1)
-            if not cols.numel():
-                continue
-            fd_columns += int(cols.numel())
-            numeric = fd.columns(p, cols)
-            for (o, q), verdict in verdicts.items():
-                if q != p:
-                    continue
-                pending = verdict[:, cols] == int(Verdict.UNVERIFIABLE)
-                if not bool(pending.any()):
-                    continue
-                slack = slacks.get((o, p))
-                sub = judge.with_reference(a_flat[(o, p)][:, cols], t_flat[(o, p)][:, cols],
-                                           numeric.estimates[o].double(), numeric.bars[o].double(),
-                                           numeric.kinks[o], scales[(o, p)][:, cols], tolerance,
-                                           slack[:, cols] if slack is not None else None)
-                current = verdict[:, cols]
-                current[pending] = sub[pending]
-                verdict[:, cols] = current
-                second = torch.full(t_flat[(o, p)].shape, math.nan, dtype=torch.float64)
-                second[:, cols] = numeric.estimates[o].double()
-                seconds[(o, p)] = second
+        fd_columns += _second_truth_dense(fd, tolerance, verdicts, a_flat, t_flat, scales, slacks, seconds, leaves,
+                                          described)
     else:
         fd_columns += _confirm(fd, verdicts, a_flat, scales, tolerance)
         fd_columns += _fd_slack(truth, verdicts, a_flat, t_flat, f_blocks, scales, slacks, tolerance)
@@ -252,16 +309,83 @@ def judge_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Ten
                      for name, value in zip(in_names, truth.args)} if len(in_names) == len(truth.args) else None),
             outputs={out_names[k]: out.detach() for k, out in outputs.items()},
             tangent=truth.fd.tangents.get(p), dtype=tolerance.dtype))
-    return comparisons, fd_columns
+    return comparisons, fd_columns, described
 
 
-def _reference_slack(truth: Truth, o: int, p: int, t: torch.Tensor, eps: float) -> torch.Tensor | None:
+def _second_truth_dense(fd: FiniteDifferences, tolerance: Tolerance, verdicts: dict[tuple[int, int], torch.Tensor],
+                        a_flat: dict[tuple[int, int], torch.Tensor], t_flat: dict[tuple[int, int], torch.Tensor],
+                        scales: dict[tuple[int, int], torch.Tensor], slacks: dict[tuple[int, int], torch.Tensor],
+                        seconds: dict[tuple[int, int], torch.Tensor], leaves: dict[int, torch.Tensor],
+                        described: list[str]) -> int:
+    """Finite differences at the entries pending a second truth (A disagrees with R), one input
+    at a time over every output, compressed where the blocks' pattern allows
+    (numerics.colouring); their verdicts by numerics.judge.with_reference. Returns the number of
+    directions differenced."""
+    offsets = fd.row_offsets()
+    directions = 0
+    for p in leaves:
+        keys = [(o, q) for (o, q) in verdicts if q == p]
+        parts, pattern_rows, pattern_cols = [], [], []
+        for key in keys:
+            o = key[0]
+            pending = verdicts[key] == int(Verdict.UNVERIFIABLE)
+            if not bool(pending.any()):
+                continue
+            r, c = torch.nonzero(pending, as_tuple=True)
+            slack = slacks.get(key)
+            parts.append((key, r, c, slack[r, c] if slack is not None else None))
+            hot = torch.nonzero(pending.any(dim=1)).reshape(-1)
+            pr, pc = torch.nonzero((a_flat[key][hot] != 0) | (t_flat[key][hot] != 0), as_tuple=True)
+            pattern_rows.append(offsets[o] + hot[pr])
+            pattern_cols.append(pc)
+        if not parts:
+            continue
+        with_slack = any(part[3] is not None for part in parts)
+        judged = Judged(
+            rows=torch.cat([offsets[key[0]] + r for key, r, _, _ in parts]),
+            cols=torch.cat([c for _, _, c, _ in parts]),
+            a=torch.cat([a_flat[key][r, c] for key, r, c, _ in parts]),
+            t=torch.cat([t_flat[key][r, c] for key, r, c, _ in parts]),
+            scale=torch.cat([scales[key][r, c] for key, r, c, _ in parts]),
+            slack=torch.cat([s if s is not None else torch.zeros(r.numel(), dtype=torch.float64)
+                             for _, r, _, s in parts]) if with_slack else None)
+        second = second_truth(fd, p, judged, tolerance, pattern=(torch.cat(pattern_rows), torch.cat(pattern_cols)),
+                              max_columns=MAX_CONFIRM_COLUMNS, seed=fd.seed)
+        directions += second.columns
+        described.append(second.describe())
+        if second.sampled:
+            described.append(SAMPLED)
+        offset = 0
+        for key, r, c, _ in parts:
+            k = int(r.numel())
+            done = second.computed[offset:offset + k]
+            values, bars = second.values[offset:offset + k], second.bars[offset:offset + k]
+            kinks = second.kinks[offset:offset + k]
+            rd, cd = r[done], c[done]
+            slack = slacks.get(key)
+            verdict = judge.with_reference(a_flat[key][rd, cd], t_flat[key][rd, cd], values[done], bars[done],
+                                           kinks[done], scales[key][rd, cd], tolerance,
+                                           slack[rd, cd] if slack is not None else None)
+            verdicts[key][rd, cd] = verdict
+            second_block = torch.full(t_flat[key].shape, math.nan, dtype=torch.float64)
+            second_block[rd, cd] = values[done]
+            seconds[key] = second_block
+            offset += k
+    return directions
+
+
+def _reference_slack(truth: Truth, o: int, p: int, t: torch.Tensor, eps: float,
+                     cache: dict[int, dict[int, torch.Tensor]] | None = None) -> torch.Tensor | None:
     if eps < SLACK_MIN_EPS:
         return None
     moved = truth.perturbed()
     if moved is None or moved.reference.source is None:
         return None
-    block = moved.reference.source.blocks(o)[p].reshape(t.shape).double()
+    if cache is None:
+        cache = {}
+    if o not in cache:  # one pass over output o's rows gives every input's block
+        cache[o] = moved.reference.source.blocks(o)
+    block = cache[o][p].reshape(t.shape).double()
     return SLACK_FACTOR * (block - t).abs().nan_to_num(0.0, 0.0, 0.0)
 
 
@@ -355,17 +479,15 @@ def norm_test(ctx: CaseContext, analytic: VjpSource, truth: Truth) -> list[Diagn
             v[p] = direction[offset:offset + leaf.numel()].reshape(leaf.shape)
             offset += leaf.numel()
         alpha = float(a_vec @ direction)
+        # u . (F v), contracted inside the tableau (memory of a few outputs), from two disjoint
+        # step sequences: finite differences accuse (with the reference, or alone) only when
+        # both agree and resolve the difference.
+        cotangent = {o: u[o][b:b + 1] for o in analytic.outputs}
         readings = []
         for sequence in (0, 1):
-            estimates, bars = fd.directional(v, sequence=sequence)
-            phi = sum(float((u[o][b].reshape(-1) * e.reshape(-1).double()).sum())
-                      for o, e in zip(fd.out_positions, estimates))
-            beta = sum(float((u[o][b].reshape(-1).abs() * e.reshape(-1).double()).sum())
-                       for o, e in zip(fd.out_positions, bars))
-            readings.append((phi, beta))
+            values, bars = fd.contracted(v, cotangent, sequence=sequence)
+            readings.append((float(values[0]), float(bars[0])))
         (phi, beta), (phi2, beta2) = readings
-        # Finite differences accuse (with the reference, or alone) only when two disjoint step
-        # sequences agree and resolve the difference.
         if not (math.isfinite(phi) and math.isfinite(beta) and math.isfinite(phi2) and math.isfinite(beta2)):
             continue
         if abs(phi - phi2) > beta + beta2:

@@ -2,8 +2,8 @@
 
 Every estimate is a central difference D(h) = (f(x + h d) - f(x - h d)) / 2h along a direction
 d (a unit vector e_j for a Jacobian column; its tangent-space projection for a constrained
-input; a random vector for a probe; a sum of columns for a compressed group), refined in a
-Richardson (Neville) tableau over the steps h, h/2, h/4, ...:
+input; a random vector for a probe; a weighted sum of columns for a compressed group), refined
+in a Richardson (Neville) tableau over the steps h, h/2, h/4, ...:
 
     T[0][l] = D(h / 2^l),   T[m][l] = (4^m T[m-1][l] - T[m-1][l-1]) / (4^m - 1)
 
@@ -13,7 +13,10 @@ estimate with the smallest error wins, and that error is its bar. Levels are add
 an entry's bar is still above the target the caller asks for (MAX_LEVELS at most): the usual
 function converges at three levels, one that varies faster than the first step takes more,
 and one that never settles (a kink, a function the steps cannot resolve) keeps a large bar,
-which the comparison then reads as "not judged" instead of inventing a verdict.
+which the comparison then reads as "not judged" instead of inventing a verdict. A caller that
+knows which entries it will judge, and how close their verdicts are, passes those entries and
+an absolute bar per entry (`entries`): only they are post-processed, and a direction is
+refined only while one of *its* judged entries is undecided.
 
 Steps come from the tensor's own magnitude, so a verdict never depends on units: the first
 step for entry j is eps**(1/5) * max(|x_j|, 1e-3 * rms(x)) (Richardson's O(h^4) truncation and
@@ -29,25 +32,48 @@ gap halves with h): such entries are flagged, and their bar is widened to the ga
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gradverify.numerics.forward import BatchedEvaluator, Evaluator
-from gradverify.numerics.vjp import CHUNK_TARGET_BYTES, WORKSPACE_FACTOR, BatchedDisagrees
+from gradverify.numerics.richardson import (
+    MAX_LEVELS,
+    RELEASE_SHARE,
+    START_LEVELS,
+    LevelFn,
+    differences,
+    finite_abs_max,
+    refine,
+)
+from gradverify.numerics.vjp import (
+    CHUNK_TARGET_BYTES,
+    WORKSPACE_FACTOR,
+    BatchedDisagrees,
+)
 from gradverify.usercode import UserCodeError
 
 Tangent = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-START_LEVELS = 4
-MAX_LEVELS = 10
-# The second, independent step sequence starts at this fraction of the first one's step.
-SECOND_SEQUENCE = 2 ** -0.5
-SHRINK = 8.0
-MAX_SHRINKS = 6
 # Floor of the first step, relative to the tensor's rms, for entries at or near zero.
 RELATIVE_FLOOR = 1e-3
+# The second, independent step sequence starts at this fraction of the first one's step.
+SECOND_SEQUENCE = 2 ** -0.5
+# One batch of perturbed evaluations may take this share of the budget (with its workspace): the
+# rest holds what the check keeps meanwhile (the case's graphs, kept entries, freed pages not yet
+# handed back), so that the whole stays within 1.25 x --max-memory above the process's baseline.
+BATCH_SHARE = 2
+# Whole columns are remembered (the same column asked again by another output's block, or by a
+# later check) within this share of the budget. The judging paths ask for each column once
+# (numerics.colouring: all outputs at once), so this only saves repeated whole-column requests,
+# and it must not hold memory the comparison needs.
+MEMO_SHARE = 16
+# Working bytes per judged entry while its tableau is alive: a difference and a rounding bound
+# per level, the last three differences and two gaps, and the tableau's temporaries (float64),
+# plus its direction and row indices.
+ENTRY_BYTES = 8 * (2 * MAX_LEVELS + 14)
 
 
 @dataclass
@@ -61,21 +87,13 @@ class Columns:
 
 
 @dataclass
-class _Table:
-    """One chunk's tableau: per level a (k, M) tensor of central differences (NaN for directions
-    not refined at that level) and their rounding; per direction its last three central
-    differences and last two one-sided gaps (for the convergence and kink tests)."""
+class Estimates:
+    """Derivatives at chosen entries (a direction, an output row): one value per entry."""
 
-    d: list[torch.Tensor] = field(default_factory=list)
-    floor: list[torch.Tensor] = field(default_factory=list)
-    recent: list[torch.Tensor] = field(default_factory=list)  # [D_L, D_L-1, D_L-2] per direction
-    last_gap: torch.Tensor | None = None
-    prev_gap: torch.Tensor | None = None
-    last_floor: torch.Tensor | None = None
-    # The best (estimate, bar) per entry among the levels at which its differences behaved
-    # asymptotically (see `note_level`); bar inf where they never did.
-    good_best: torch.Tensor | None = None
-    good_err: torch.Tensor | None = None
+    values: torch.Tensor
+    bars: torch.Tensor
+    kinks: torch.Tensor
+    evaluations: int = 0
 
 
 def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) -> torch.Tensor:
@@ -84,10 +102,9 @@ def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) ->
     sequence 1 starts at 1/sqrt(2) of sequence 0's step: its steps fall halfway (geometrically)
     between the first sequence's, so an estimate that only looks converged by aliasing (steps
     resonating with an oscillation, sin(1e5 x)) does not reproduce from both."""
-    eps = torch.finfo(x.dtype if x.is_floating_point() else torch.float64).eps
+    eps = _eps(x)
     flat = x.detach().reshape(-1).abs().to(torch.float64)
-    rms = float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0
-    typical = rms if rms > 0 else 1.0
+    typical = _typical(flat)
     d = directions.abs().to(torch.float64)
     support = d > 0
     # The magnitude of x over each direction's support.
@@ -98,135 +115,21 @@ def first_steps(x: torch.Tensor, directions: torch.Tensor, sequence: int = 0) ->
     return torch.exp2(torch.round(torch.log2(raw))) * (SECOND_SEQUENCE if sequence else 1.0)
 
 
-def _tableau(table: _Table) -> tuple[torch.Tensor, torch.Tensor]:
-    """(best estimate, its error) per entry from the levels computed so far.
-
-    T[m][l] is built from T[m-1][l] and T[m-1][l-1]; its error is the larger distance to them
-    plus twice the rounding of the finer level. Entries of levels a direction skipped are NaN
-    and never win.
-    """
-    levels = len(table.d)
-    prev = dict(enumerate(table.d))
-    best = table.d[0].clone()
-    best_err = torch.full_like(best, math.inf)
-    for m in range(1, levels):
-        factor = 4.0 ** m
-        current = {}
-        for level in range(m, levels):
-            value = (factor * prev[level] - prev[level - 1]) / (factor - 1)
-            err = torch.maximum((value - prev[level]).abs(), (value - prev[level - 1]).abs())
-            err = err + 2 * table.floor[level]
-            err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
-            better = err < best_err
-            best = torch.where(better, value, best)
-            best_err = torch.where(better, err, best_err)
-            current[level] = value
-        prev = current
-    return best, best_err
+def unit_steps(x: torch.Tensor, cols: torch.Tensor, sequence: int = 0) -> torch.Tensor:
+    """first_steps for the unit directions e_j, j in `cols`, without forming them."""
+    eps = _eps(x)
+    flat = x.detach().reshape(-1).abs().to(torch.float64)
+    mag = torch.clamp(flat[cols.to(torch.long)], min=RELATIVE_FLOOR * _typical(flat))
+    return torch.exp2(torch.round(torch.log2(eps ** 0.2 * mag))) * (SECOND_SEQUENCE if sequence else 1.0)
 
 
-def add_level(table: _Table, plus: torch.Tensor, minus: torch.Tensor, f0: torch.Tensor, h: torch.Tensor,
-              eps: float, active: torch.Tensor | None) -> None:
-    """Append one level (f(x + h d), f(x - h d) for each direction; NaN rows where not refined)."""
-    hh = h.reshape(-1, 1)
-    d = (plus - minus) / (2 * hh)
-    gap = (plus + minus - 2 * f0.unsqueeze(0)).abs() / hh
-    scale = torch.maximum(torch.maximum(plus.abs(), minus.abs()), f0.abs().unsqueeze(0))
-    floor = 4 * eps * scale / hh
-    table.d.append(d)
-    table.floor.append(floor)
-    if table.last_gap is None:
-        table.last_gap, table.last_floor, table.recent = gap, floor, [d]
-        return
-    mask = torch.ones(d.shape[0], dtype=torch.bool)
-    if active is not None:
-        mask = torch.zeros(d.shape[0], dtype=torch.bool)
-        mask[active] = True
-    m = mask.reshape(-1, 1)
-    assert table.last_floor is not None
-    previous = table.prev_gap if table.prev_gap is not None else table.last_gap
-    table.prev_gap = torch.where(m, table.last_gap, previous)
-    table.last_gap = torch.where(m, gap, table.last_gap)
-    table.last_floor = torch.where(m, floor, table.last_floor)
-    candidate = ([d] + table.recent)[:3]
-    kept = table.recent + [torch.full_like(d, math.nan)] * (len(candidate) - len(table.recent))
-    table.recent = [torch.where(m, c, k) for c, k in zip(candidate, kept)]
+def _eps(x: torch.Tensor) -> float:
+    return torch.finfo(x.dtype if x.is_floating_point() else torch.float64).eps
 
 
-def asymptotic(table: _Table, eps: float) -> torch.Tensor:
-    """Whether each entry's central differences behave like D + c h^2 at the finest levels:
-    successive differences shrink by about 4 when h halves, or the estimates have settled (they
-    differ by less than sqrt(eps)/16 of the column's scale -- rounding, including the rounding
-    of a forward that cancels, which the 4 eps |f| / h floor does not see). Before that regime
-    Richardson's error estimate means nothing: a step larger than the scale the function varies
-    on (|x| at 1e-9) gives estimates that agree with each other and not with the derivative.
-    Such entries get no error bar (inf): not judged."""
-    if len(table.recent) < 3 or table.last_floor is None:
-        return torch.zeros_like(table.d[-1], dtype=torch.bool)
-    d_last, d_prev, d_prev2 = table.recent
-    newer = (d_last - d_prev).abs()
-    older = (d_prev - d_prev2).abs()
-    finite = torch.where(torch.isfinite(d_last), d_last.abs(), torch.zeros_like(d_last))
-    column = finite.amax(dim=1, keepdim=True)
-    size = torch.maximum(finite, column)
-    settled = newer <= (eps ** 0.5 / 16) * size
-    # In the h^2 regime successive differences shrink by 4 when h halves; before it (or under
-    # aliasing) the ratio wanders. A window around 4 rather than "shrinks at all".
-    behaves = ((newer >= older / 6) & (newer <= older / 2.5)) | (newer <= 4 * table.last_floor) | settled
-    # Resolved: the step is small against the scale the function varies on. The one-sided gap
-    # |f(x+h) + f(x-h) - 2 f(x)| / h is ~|f''| h; for sin(k x) it is ~k h |f'|, and Richardson
-    # is accurate once k h < 1 -- so the gap must stay below half the derivative's size, or
-    # shrink with h (a smooth point where f' = 0: x**2 at 0), or sit at rounding. A function
-    # oscillating many times within the step (sin(1e5 x) with h ~ 7e-4) fails all three, even
-    # where its central differences happen to look converged (aliasing).
-    assert table.last_gap is not None
-    prev_gap = table.prev_gap if table.prev_gap is not None else table.last_gap
-    halving = (table.last_gap >= 0.35 * prev_gap) & (table.last_gap <= 0.65 * prev_gap)
-    resolved = ((table.last_gap <= 0.5 * size) | halving | (table.last_gap <= 16 * table.last_floor))
-    return behaves & resolved
-
-
-def kinks_of(table: _Table, best: torch.Tensor) -> torch.Tensor:
-    """A kink: the one-sided gap does not shrink when h halves (0.75 allows for a curvature term),
-    is not a 1e-6 relative wobble, and stands well above rounding."""
-    if table.prev_gap is None or table.last_gap is None or table.last_floor is None:
-        return torch.zeros_like(best, dtype=torch.bool)
-    scale = best.abs().amax(dim=1, keepdim=True)
-    return (table.last_gap > 0.75 * table.prev_gap) & \
-        (table.last_gap > 1e-6 * torch.maximum(best.abs(), scale)) & (table.last_gap > 16 * table.last_floor)
-
-
-def note_level(table: _Table, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """After each level: keep, per entry, the tableau's best estimate and bar from a level at
-    which the entry's differences behaved asymptotically (the smallest such bar so far).
-
-    Judging only the finest levels is wrong where refinement went on past the good steps: a
-    forward that cancels (y = a.x with terms of 0.3 summing to 0.003) has rounding far above
-    the 4 eps |f| / h floor, so at small h its differences wander although they were settled at
-    larger h, and an entry that was right at level 3 would end with no bar. Returns the kept
-    (estimate, bar), bar inf where no level behaved yet."""
-    best, err = _tableau(table)
-    if table.good_best is None or table.good_err is None:
-        table.good_best = best.clone()
-        table.good_err = torch.full_like(err, math.inf)
-    ok = asymptotic(table, eps) & (err < table.good_err)
-    table.good_best = torch.where(ok, best, table.good_best)
-    table.good_err = torch.where(ok, err, table.good_err)
-    return table.good_best, table.good_err
-
-
-def finish(table: _Table, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best estimate, error bar and kink flag per entry once refinement stopped."""
-    best, err = note_level(table, eps)
-    kink = kinks_of(table, best)
-    if table.last_gap is not None and table.prev_gap is not None:
-        # At a kink the derivative is any value between the one-sided slopes; a kinked entry
-        # never behaved asymptotically, so its estimate is the tableau's latest best.
-        latest, latest_err = _tableau(table)
-        widened = torch.maximum(latest_err, table.last_gap + table.prev_gap)
-        best = torch.where(kink, latest, best)
-        err = torch.where(kink, widened, err)
-    return best, err, kink
+def _typical(flat_abs: torch.Tensor) -> float:
+    rms = float(flat_abs.pow(2).mean().sqrt()) if flat_abs.numel() else 0.0
+    return rms if rms > 0 else 1.0
 
 
 class FiniteDifferences:
@@ -236,7 +139,10 @@ class FiniteDifferences:
     constrained input), memoised, batched over perturbations where the forward body allows
     (vmap, checked against plain calls once), else plain calls.
     directions(p, D): the same along arbitrary directions (rows of D), e.g. compressed groups.
-    directional({p: v}): J v along a joint direction over every input (probes, validation).
+    entries(p, D, owner, rows): only the entries (direction owner[e], output row rows[e]) the
+    caller judges, with a bar target per entry: the cheap way to a second truth.
+    directional({p: v}) / contracted({p: v}, u): J v along a joint direction over every input,
+    whole or contracted with cotangents u (memory of a few outputs, whatever their size).
     """
 
     def __init__(self, evaluate: Evaluator, args: Sequence[Any], diff_positions: Sequence[int],
@@ -259,6 +165,7 @@ class FiniteDifferences:
         self._memo: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._memo_bytes = 0
         self.out_sizes = [int(f.numel()) for f in self.f0]
+        self._f0_flat: torch.Tensor | None = None
 
     @property
     def path(self) -> str:
@@ -268,6 +175,26 @@ class FiniteDifferences:
     def dtype(self) -> torch.dtype:
         return next((a.dtype for a in self.args if isinstance(a, torch.Tensor) and a.is_floating_point()),
                     torch.float64)
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.dtype).eps
+
+    @property
+    def f0_flat(self) -> torch.Tensor:
+        """Every output at x, flattened and stacked (float64): row r of the stacked Jacobian."""
+        if self._f0_flat is None:
+            self._f0_flat = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0]) if self.f0 else \
+                torch.zeros(0, dtype=torch.float64)
+        return self._f0_flat
+
+    def row_offsets(self) -> dict[int, int]:
+        """Where each output's rows start in the stacked rows."""
+        offsets, start = {}, 0
+        for o, size in zip(self.out_positions, self.out_sizes):
+            offsets[o] = start
+            start += size
+        return offsets
 
     # --- column access ----------------------------------------------------------------------
 
@@ -291,6 +218,10 @@ class FiniteDifferences:
         cols = cols.reshape(-1).to(torch.long)
         todo = [int(c) for c in cols.tolist() if (p, int(c), sequence) not in self._memo]
         before = self.evaluations
+        fresh_index: dict[int, int] = {}
+        stacked_e: torch.Tensor = torch.zeros(0)
+        stacked_b: torch.Tensor = torch.zeros(0)
+        stacked_k: torch.Tensor = torch.zeros(0)
         if todo:
             todo_t = torch.tensor(sorted(set(todo)), dtype=torch.long)
             fresh = self.directions(p, self.unit_directions(p, todo_t), sequence=sequence)
@@ -299,26 +230,28 @@ class FiniteDifferences:
             stacked_k = torch.cat([fresh.kinks[o] for o in self.out_positions], dim=0)
             per_column = 2 * 8 * stacked_e.shape[0] + stacked_e.shape[0]
             for k, c in enumerate(todo_t.tolist()):
-                if self._memo_bytes + per_column > self.max_bytes // 4:
-                    break  # beyond a quarter of the budget, columns are recomputed when asked again
+                if self._memo_bytes + per_column > self.max_bytes // MEMO_SHARE:
+                    break  # beyond its share of the budget, columns are recomputed when asked again
                 self._memo[(p, c, sequence)] = (stacked_e[:, k].clone(), stacked_b[:, k].clone(),
                                                 stacked_k[:, k].clone())
                 self._memo_bytes += per_column
             fresh_index = {c: k for k, c in enumerate(todo_t.tolist())}
-        else:
-            fresh_index = {}
-            stacked_e = stacked_b = stacked_k = torch.zeros(0)
-        est_cols, bar_cols, kink_cols = [], [], []
+        est_cols: list[torch.Tensor] = []
+        bar_cols: list[torch.Tensor] = []
+        kink_cols: list[torch.Tensor] = []
         for c in cols.tolist():
             if (p, c, sequence) in self._memo:
-                e, b, k = self._memo[(p, c, sequence)]
+                e, b, kk = self._memo[(p, c, sequence)]
             else:
                 idx = fresh_index[c]
-                e, b, k = stacked_e[:, idx], stacked_b[:, idx], stacked_k[:, idx]
+                e, b, kk = stacked_e[:, idx], stacked_b[:, idx], stacked_k[:, idx]
             est_cols.append(e)
             bar_cols.append(b)
-            kink_cols.append(k)
+            kink_cols.append(kk)
         return self._split(est_cols, bar_cols, kink_cols, self.evaluations - before)
+
+    def memoised(self, p: int, col: int, sequence: int = 0) -> bool:
+        return (p, col, sequence) in self._memo
 
     def _split(self, est_cols: list[torch.Tensor], bar_cols: list[torch.Tensor], kink_cols: list[torch.Tensor],
                evaluations: int) -> Columns:
@@ -326,6 +259,9 @@ class FiniteDifferences:
         e = torch.stack(est_cols, dim=1) if est_cols else torch.zeros((m_total, 0), dtype=torch.float64)
         b = torch.stack(bar_cols, dim=1) if bar_cols else torch.zeros((m_total, 0), dtype=torch.float64)
         k = torch.stack(kink_cols, dim=1) if kink_cols else torch.zeros((m_total, 0), dtype=torch.bool)
+        return self._by_output(e, b, k, evaluations)
+
+    def _by_output(self, e: torch.Tensor, b: torch.Tensor, k: torch.Tensor, evaluations: int) -> Columns:
         estimates, bars, kinks = {}, {}, {}
         offset = 0
         for o, size in zip(self.out_positions, self.out_sizes):
@@ -336,78 +272,140 @@ class FiniteDifferences:
         return Columns(estimates, bars, kinks, evaluations)
 
     def directions(self, p: int, directions: torch.Tensor, target: float | None = None,
-                   sequence: int = 0) -> Columns:
+                   sequence: int = 0, *, steps: torch.Tensor | None = None) -> Columns:
         """Derivatives of every output along each row of `directions` ((k, n), flattened like x)."""
+        k = int(directions.shape[0])
+        m_total = sum(self.out_sizes)
+        got = self.entries(p, directions, None, None, target=target, sequence=sequence, steps=steps)
+        return self._by_output(got.values.reshape(k, m_total).T, got.bars.reshape(k, m_total).T,
+                               got.kinks.reshape(k, m_total).T, got.evaluations)
+
+    def entries(self, p: int, directions: torch.Tensor, owner: torch.Tensor | None, rows: torch.Tensor | None, *,
+                steps: torch.Tensor | None = None, limits: torch.Tensor | None = None, target: float | None = None,
+                sequence: int = 0) -> Estimates:
+        """Derivatives along the rows of `directions` at entries (owner[e], rows[e]) only, rows
+        indexing the stacked outputs (row_offsets). owner/rows None: every row of every direction,
+        direction-major. steps: each direction's first step (else from x's magnitude over its
+        support). limits: each entry's absolute bar target (else the relative target)."""
         x = self.args[p]
         k_total = int(directions.shape[0])
         m_total = sum(self.out_sizes)
-        chunk = self._chunk(x.numel(), m_total, x.element_size())
         target = self.target if target is None else target
-        parts_e, parts_b, parts_k = [], [], []
         before = self.evaluations
+        everything = owner is None
+        if everything:
+            e_total = k_total * m_total
+            per_dir = m_total
+        else:
+            assert owner is not None and rows is not None
+            owner = owner.reshape(-1).to(torch.long)
+            rows = rows.reshape(-1).to(torch.long)
+            e_total = int(owner.numel())
+            per_dir = max(1, e_total // max(1, k_total))
+        values = torch.empty(e_total, dtype=torch.float64)
+        bars = torch.empty(e_total, dtype=torch.float64)
+        kinks = torch.zeros(e_total, dtype=torch.bool)
+        if not e_total:
+            return Estimates(values, bars, kinks, 0)
+        chunk = self._chunk(x.numel(), m_total, x.element_size(), per_dir)
+        if everything:
+            for start in range(0, k_total, chunk):
+                stop = min(k_total, start + chunk)
+                kk = stop - start
+                local_owner = torch.arange(kk).repeat_interleave(m_total)
+                est, bar, kink = self._chunk_entries(
+                    p, directions[start:stop], local_owner, None,
+                    steps[start:stop] if steps is not None else None,
+                    limits[start * m_total:stop * m_total] if limits is not None else None, target, sequence)
+                values[start * m_total:stop * m_total] = est
+                bars[start * m_total:stop * m_total] = bar
+                kinks[start * m_total:stop * m_total] = kink
+            return Estimates(values, bars, kinks, self.evaluations - before)
+        assert owner is not None and rows is not None
+        if owner.numel() < 2 or bool((owner[1:] >= owner[:-1]).all()):
+            order = torch.arange(int(owner.numel()))  # already grouped by direction
+            sorted_owner = owner
+        else:
+            order = torch.argsort(owner, stable=True)
+            sorted_owner = owner[order]
+        bounds = torch.searchsorted(sorted_owner, torch.arange(0, k_total + 1, dtype=torch.long))
         for start in range(0, k_total, chunk):
-            d = directions[start:start + chunk]
-            est, bar, kink = self._directions_chunk(p, d, target, sequence)
-            parts_e.append(est.T)
-            parts_b.append(bar.T)
-            parts_k.append(kink.T)
-        e = torch.cat(parts_e, dim=1) if parts_e else torch.zeros((m_total, 0), dtype=torch.float64)
-        b = torch.cat(parts_b, dim=1) if parts_b else torch.zeros((m_total, 0), dtype=torch.float64)
-        kk = torch.cat(parts_k, dim=1) if parts_k else torch.zeros((m_total, 0), dtype=torch.bool)
-        return self._split(list(e.T), list(b.T), list(kk.T), self.evaluations - before)
+            stop = min(k_total, start + chunk)
+            lo, hi = int(bounds[start]), int(bounds[stop])
+            if lo == hi:
+                continue  # no entry judged along these directions: nothing to evaluate
+            pick = order[lo:hi]
+            used = torch.unique(sorted_owner[lo:hi])  # only directions that own entries
+            remap = torch.full((stop - start,), -1, dtype=torch.long)
+            remap[used - start] = torch.arange(int(used.numel()))
+            local_owner = remap[sorted_owner[lo:hi] - start]
+            est, bar, kink = self._chunk_entries(
+                p, directions[used], local_owner, rows[pick], steps[used] if steps is not None else None,
+                limits[pick] if limits is not None else None, target, sequence)
+            values[pick], bars[pick], kinks[pick] = est, bar, kink
+        return Estimates(values, bars, kinks, self.evaluations - before)
 
-    def _chunk(self, n: int, m_total: int, itemsize: int) -> int:
-        # Per direction and level: 2 perturbed copies of the input and 2 outputs, plus the
-        # tableau (a few (k, M) tensors); bounded by the chunk target and by the budget.
-        per_dir = 2 * max(1, n + m_total) * max(8, itemsize) + 8 * MAX_LEVELS * max(1, m_total)
+    def _chunk(self, n: int, m_total: int, itemsize: int, entries_per_dir: int) -> int:
+        # Per direction and level: 2 perturbed copies of the input and 2 outputs (float64), plus
+        # the tableau of the entries it owns; bounded by the chunk target and by the budget.
+        per_dir = 2 * max(1, n + m_total) * max(8, itemsize) + 8 * max(1, m_total) + ENTRY_BYTES * entries_per_dir
         cols = max(8, CHUNK_TARGET_BYTES // per_dir)
-        cols = min(cols, max(1, self.max_bytes // (per_dir * WORKSPACE_FACTOR)))
+        cols = min(cols, max(1, self.max_bytes // BATCH_SHARE // (per_dir * WORKSPACE_FACTOR)))
         return max(1, cols)
 
     # --- the adaptive tableau for one chunk of directions ------------------------------------
 
-    def _directions_chunk(self, p: int, d: torch.Tensor, target: float,
-                          sequence: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _chunk_entries(self, p: int, d: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor | None,
+                       steps: torch.Tensor | None, limits: torch.Tensor | None, target: float,
+                       sequence: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.args[p]
         k = int(d.shape[0])
-        steps = first_steps(x, d, sequence)
-        f0 = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0])
-        eps = torch.finfo(self.dtype).eps
-        # Shrink where a step leaves the domain: re-evaluate the first level for those directions.
-        plus, minus = self._evaluate_level(p, d, steps)
-        for _ in range(MAX_SHRINKS):
-            bad = ~(torch.isfinite(plus) & torch.isfinite(minus)) & torch.isfinite(f0).unsqueeze(0)
-            rows = bad.any(dim=1)
-            if not bool(rows.any()):
-                break
-            steps = torch.where(rows, steps / SHRINK, steps)
-            idx = torch.nonzero(rows).reshape(-1)
-            p2, m2 = self._evaluate_level(p, d[idx], steps[idx])
-            plus[idx], minus[idx] = p2, m2
-        table = _Table()
-        add_level(table, plus, minus, f0, steps, eps, None)
-        for level in range(1, MAX_LEVELS):
-            h = steps / (2.0 ** level)
-            active = None
-            if level >= 3:
-                best, err = note_level(table, eps)
-            if level >= START_LEVELS:
-                scale = best.abs().amax(dim=1, keepdim=True)
-                limit = target * torch.maximum(best.abs(), 1e-2 * scale)
-                unsettled = (~(err <= limit)).any(dim=1)  # inf bar: never behaved yet
-                if not bool(unsettled.any()):
-                    break
-                active = torch.nonzero(unsettled).reshape(-1)
-            if active is None or active.numel() == k:
-                plus, minus = self._evaluate_level(p, d, h)
-                add_level(table, plus, minus, f0, h, eps, None)
-            else:
-                p2, m2 = self._evaluate_level(p, d[active], h[active])
-                plus = torch.full((k, p2.shape[1]), math.nan, dtype=torch.float64)
-                minus = torch.full_like(plus, math.nan)
-                plus[active], minus[active] = p2, m2
-                add_level(table, plus, minus, f0, h, eps, active)
-        return finish(table, eps)
+        if steps is None:
+            steps = first_steps(x, d, sequence)
+        f0 = self.f0_flat
+        eps = self.eps
+        m_total = int(f0.numel())
+        f0_rows = f0 if rows is None else f0[rows]
+
+        def level(which: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._evaluate_level(p, d[which], h)
+
+        def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
+                    h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            hh = h.reshape(-1, 1)
+            scale = finite_abs_max((plus - minus) / (2 * hh), 1)
+            if rows is None:
+                # Every row of every direction: entries are the (k, M) grid, direction-major.
+                if int(which.numel()) == k:
+                    pe, me, he, fe = plus, minus, hh, f0.unsqueeze(0)
+                    active = torch.ones(k * m_total, dtype=torch.bool)
+                else:
+                    pe = torch.full((k, m_total), math.nan, dtype=torch.float64)
+                    me = torch.full_like(pe, math.nan)
+                    pe[which], me[which] = plus, minus
+                    he = torch.ones((k, 1), dtype=torch.float64)
+                    he[which] = hh
+                    fe = f0.unsqueeze(0)
+                    active = torch.zeros((k, m_total), dtype=torch.bool)
+                    active[which] = True
+                    active = active.reshape(-1)
+                dd, gap, floor = differences(pe, me, fe, he, eps)
+                return dd.reshape(-1), gap.reshape(-1), floor.reshape(-1), active, scale
+            position = torch.full((k,), -1, dtype=torch.long)
+            position[which] = torch.arange(int(which.numel()))
+            slot = position[owner]
+            active = slot >= 0
+            pe = torch.full(owner.shape, math.nan, dtype=torch.float64)
+            me = torch.full_like(pe, math.nan)
+            he = torch.ones(owner.shape, dtype=torch.float64)
+            pe[active] = plus[slot[active], rows[active]]
+            me[active] = minus[slot[active], rows[active]]
+            he[active] = h[slot[active]]
+            dd, gap, floor = differences(pe, me, f0_rows, he, eps)
+            return dd, gap, floor, active, scale
+
+        return refine(level, extract, owner, k, steps, f0, eps, limits=limits, target=target,
+                      allowance=self.max_bytes // RELEASE_SHARE)
 
     def _evaluate_level(self, p: int, d: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f(x + h d) and f(x - h d) for each row of d: two (k, M) tensors (outputs flattened)."""
@@ -416,10 +414,12 @@ class FiniteDifferences:
         flat = x.detach().reshape(-1)
         delta = (h.reshape(-1, 1) * d).to(flat.dtype)
         X = torch.cat([flat.unsqueeze(0) + delta, flat.unsqueeze(0) - delta]).reshape(2 * k, *x.shape)
+        del delta
         if self.batched is not None:
             try:
                 outs = self.batched(self.args, p, X)
                 F = torch.cat([o.reshape(2 * k, -1).to(torch.float64) for o in outs], dim=1)
+                del outs
                 if not self._verified:
                     self._verify(p, X, F)
                 self.evaluations += 2 * k
@@ -431,14 +431,13 @@ class FiniteDifferences:
                 self.batched = None
                 text = str(exc.original).strip().splitlines()[0] if str(exc.original).strip() else ""
                 self.fallback_reason = f"{type(exc.original).__name__}: {text.split('. ')[0][:160]}"
-        rows = []
+        F = torch.empty((2 * k, sum(self.out_sizes)), dtype=torch.float64)
         for b in range(2 * k):
             call = list(self.args)
             call[p] = X[b]
             outs = self.evaluate(call)
-            rows.append(torch.cat([o.reshape(-1).to(torch.float64) for o in outs]))
+            F[b] = torch.cat([o.reshape(-1).to(torch.float64) for o in outs]) if outs else F[b]
         self.evaluations += 2 * k
-        F = torch.stack(rows) if rows else torch.zeros((0, sum(self.out_sizes)), dtype=torch.float64)
         return F[:k], F[k:]
 
     def _verify(self, p: int, X: torch.Tensor, F: torch.Tensor) -> None:
@@ -451,7 +450,7 @@ class FiniteDifferences:
         plain = torch.cat([o.reshape(-1).to(torch.float64) for o in self.evaluate(call)])
         self.evaluations += 1
         batched = F[pick]
-        eps = torch.finfo(self.dtype).eps
+        eps = self.eps
         scale = torch.maximum(plain.abs(), batched.abs())
         both_finite = torch.isfinite(plain) & torch.isfinite(batched)
         if bool((torch.isfinite(plain) != torch.isfinite(batched)).any()) or \
@@ -462,11 +461,9 @@ class FiniteDifferences:
 
     # --- joint directions over every input ---------------------------------------------------
 
-    def directional(self, directions: dict[int, torch.Tensor], target: float | None = None,
-                    sequence: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """d/dt f(x + t v) at t = 0 for a direction over every input, with error bars (plain calls)."""
-        target = self.target if target is None else target
-        eps = torch.finfo(self.dtype).eps
+    def _joint(self, directions: dict[int, torch.Tensor], sequence: int) -> tuple[dict[int, torch.Tensor], float]:
+        """The direction projected onto each input's tangent space, and its first step."""
+        eps = self.eps
         projected = {}
         for p, v in directions.items():
             v = v.to(torch.float64)
@@ -482,43 +479,108 @@ class FiniteDifferences:
         scale = eps ** 0.2 * max(mags) / v_norm
         if not (math.isfinite(scale) and scale > 0):
             # A direction or an input that is not finite (NaN where the op is undefined): no
-            # derivative along it, and no bar.
-            nan = tuple(torch.full_like(f, math.nan, dtype=torch.float64) for f in self.f0)
-            return nan, tuple(torch.full_like(f, math.inf, dtype=torch.float64) for f in self.f0)
+            # derivative along it, and no bar (callers check for a NaN step).
+            return projected, math.nan
         h = 2.0 ** round(math.log2(scale)) * (SECOND_SEQUENCE if sequence else 1.0)
-        f0 = torch.cat([f.reshape(-1).to(torch.float64) for f in self.f0])
+        return projected, h
 
+    def _joint_level(self, projected: dict[int, torch.Tensor]) -> LevelFn:
         def at(t: float) -> torch.Tensor:
             call = list(self.args)
             for p, v in projected.items():
-                call[p] = (self.args[p].to(torch.float64) + t * v).to(self.args[p].dtype)
+                call[p] = torch.add(self.args[p].to(torch.float64), v, alpha=t).to(self.args[p].dtype)
             self.evaluations += 1
-            return torch.cat([o.reshape(-1).to(torch.float64) for o in self.evaluate(call)])
+            outs = self.evaluate(call)
+            del call
+            if len(outs) == 1:  # one output: no joined copy
+                return outs[0].reshape(-1).to(torch.float64)
+            return torch.cat([o.reshape(-1).to(torch.float64) for o in outs])
 
-        plus, minus = at(h), at(-h)
-        for _ in range(MAX_SHRINKS):
-            if bool((torch.isfinite(plus) & torch.isfinite(minus) | ~torch.isfinite(f0)).all()):
-                break
-            h /= SHRINK
-            plus, minus = at(h), at(-h)
-        table = _Table()
-        steps = torch.tensor([h], dtype=torch.float64)
-        add_level(table, plus.unsqueeze(0), minus.unsqueeze(0), f0, steps, eps, None)
-        for level in range(1, MAX_LEVELS):
-            if level >= 3:
-                best, err = note_level(table, eps)
-            if level >= START_LEVELS:
-                scale = best.abs().amax(dim=1, keepdim=True)
-                if not bool((~(err <= target * torch.maximum(best.abs(), 1e-2 * scale))).any()):
-                    break
-            hl = h / 2.0 ** level
-            add_level(table, at(hl).unsqueeze(0), at(-hl).unsqueeze(0), f0, steps / 2.0 ** level, eps, None)
-        best, err, kink = finish(table, eps)
+        def level(which: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            step = float(h.reshape(-1)[0])
+            return at(step).unsqueeze(0), at(-step).unsqueeze(0)
+
+        return level
+
+    def directional(self, directions: dict[int, torch.Tensor], target: float | None = None,
+                    sequence: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """d/dt f(x + t v) at t = 0 for a direction over every input, with error bars per output
+        entry (plain calls). Holds a tableau per output entry: for large outputs use contracted."""
+        target = self.target if target is None else target
+        projected, h = self._joint(directions, sequence)
+        if math.isnan(h):
+            return (tuple(torch.full_like(f, math.nan, dtype=torch.float64) for f in self.f0),
+                    tuple(torch.full_like(f, math.inf, dtype=torch.float64) for f in self.f0))
+        f0 = self.f0_flat
+        eps = self.eps
+
+        def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
+                    hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            dd, gap, floor = differences(plus[0], minus[0], f0, hs.reshape(1)[0].reshape(1), eps)
+            return dd, gap, floor, torch.ones_like(dd, dtype=torch.bool), finite_abs_max(dd.unsqueeze(0), 1)
+
+        owner = torch.zeros(int(f0.numel()), dtype=torch.long)
+        best, err, _ = refine(self._joint_level(projected), extract, owner, 1, torch.tensor([h], dtype=torch.float64),
+                              f0, eps, limits=None, target=target,
+                              allowance=self.max_bytes // RELEASE_SHARE)
         estimates, bars = [], []
         offset = 0
         for f in self.f0:
             size = int(f.numel())
-            estimates.append(best[0, offset:offset + size].reshape(f.shape))
-            bars.append(err[0, offset:offset + size].reshape(f.shape))
+            estimates.append(best[offset:offset + size].reshape(f.shape))
+            bars.append(err[offset:offset + size].reshape(f.shape))
             offset += size
         return tuple(estimates), tuple(bars)
+
+    def contracted(self, directions: dict[int, torch.Tensor], cotangents: dict[int, torch.Tensor],
+                   target: float | None = None, sequence: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_b . (J v) for a direction v over every input and cotangents u_b ({o: (B, *out.shape)}),
+        with error bars: the tableau runs on the B scalars u_b . D(h), so memory stays a few
+        outputs whatever their size. Each scalar's rounding bound is sum_i |u_bi| 4 eps |f_i| / h
+        (the rounding of every output entry it sums), its scale for the convergence and kink
+        tests sum_i |u_bi D_i| (the size of the terms, not of their possibly cancelled sum)."""
+        target = self.target if target is None else target
+        projected, h = self._joint(directions, sequence)
+        batch = next(iter(cotangents.values())).shape[0]
+        if math.isnan(h):
+            return (torch.full((batch,), math.nan, dtype=torch.float64),
+                    torch.full((batch,), math.inf, dtype=torch.float64))
+        f0 = self.f0_flat
+        eps = self.eps
+        u = torch.zeros((batch, int(f0.numel())), dtype=torch.float64)
+        for o, offset in self.row_offsets().items():
+            if o in cotangents:
+                size = self.out_sizes[self.out_positions.index(o)]
+                u[:, offset:offset + size] = cotangents[o].reshape(batch, -1).to(torch.float64)
+        u_abs = u.abs()
+        f0_abs = f0.abs()
+
+        def extract(plus: torch.Tensor, minus: torch.Tensor, which: torch.Tensor,
+                    hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            # A few output-sized temporaries at a time (the outputs may be the size of the budget).
+            step = float(hs.reshape(-1)[0])
+            plus, minus = plus[0], minus[0]
+            central = torch.sub(plus, minus).div_(2 * step)
+            finite = bool(torch.isfinite(central).all())
+            dd = u @ central if finite else torch.full((batch,), math.nan, dtype=torch.float64)
+            if not finite:
+                central.nan_to_num_(0.0, 0.0, 0.0)
+            second = torch.add(plus, minus).sub_(f0, alpha=2)
+            gap = (u @ second).abs_() / step
+            del second
+            bound = plus.abs()
+            torch.maximum(bound, minus.abs(), out=bound)
+            torch.maximum(bound, f0_abs, out=bound)
+            floor = (u_abs @ bound) * (4 * eps / step)
+            del bound
+            size = (u_abs @ central.abs_()).amax().reshape(1)
+            return dd, gap, floor, torch.ones_like(dd, dtype=torch.bool), size
+
+        owner = torch.zeros(batch, dtype=torch.long)
+        best, err, _ = refine(self._joint_level(projected), extract, owner, 1, torch.tensor([h], dtype=torch.float64),
+                              f0, eps, limits=None, target=target,
+                              allowance=self.max_bytes // RELEASE_SHARE)
+        return best, err
+
+
+__all__ = ["MAX_LEVELS", "START_LEVELS", "Columns", "Estimates", "FiniteDifferences", "first_steps", "unit_steps"]

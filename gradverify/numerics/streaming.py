@@ -1,31 +1,110 @@
 """The full (every entry) comparison for Jacobians too large to hold: row chunks, bounded memory.
 
 Rows of the analytic Jacobian and of the reference are produced in chunks (batched VJPs) and
-compared at once; only per-block statistics, a binned map of where non-zero entries sit, and
-the entries that disagree with the reference are kept. Finite differences are then computed at
-the input columns holding those entries -- as many as the memory budget allows; beyond that
-the count of confirmed mismatches is a lower bound and the report says so -- and an entry is
-accused only if it disagrees with them too (numerics.judge).
+compared at once; only per-block statistics, a binned map of where non-zero entries sit (the
+heatmap), the entries that disagree with the reference and the sparsity pattern of the rows
+holding them are kept -- each within a share of --max-memory. Finite differences then judge
+those entries (numerics.colouring: compressed groups, one column at a time where a group cannot
+decide), and an entry is accused only if it disagrees with them too (numerics.judge).
+
+When the budget allows no more -- more disagreeing entries than it can keep, or more columns
+than the cross-check may difference -- the check degrades instead of growing: the count of
+mismatches becomes a lower bound ("at least N"), the entries listed are a sample, and the report
+says so.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradverify.numerics import judge
-from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS, heatmap_from_codes, unravel
+from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS
+from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.judge import Verdict
+from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
+from gradverify.numerics.streamed_findings import analytic_nonzero, heatmap, listed, sparse_diagnosis
 from gradverify.numerics.vjp import VjpSource
-from gradverify.report import CheckResult, Diagnosis, Mismatch
+from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
 
 if TYPE_CHECKING:
     from gradverify.checks.base import CaseContext, Truth
 
 LETTERS = "ijklmnpqrstuvw"
+
+# One kept entry: row and column (int64), A, R, scale and slack (float64) = 48 bytes, plus its
+# share of judging them all at once (second truth, bar, limits, verdict, allowed, error, the
+# group reading's temporaries and the joined copies: measured ~210 bytes an entry in all).
+STORE_BYTES_PER_ENTRY = 256
+# The sparsity pattern of the rows holding kept entries (int32 row and column per non-zero) may
+# take this share of the budget; beyond it compression is off for that input (it is only worth
+# it for sparse rows anyway) and columns are differenced one by one.
+PATTERN_SHARE = 8
+PATTERN_BYTES_PER_PAIR = 8
+
+
+class OverBudget(Exception):
+    """The full check would take longer than `auto` allows (measured on the first rows)."""
+
+    def __init__(self, estimate_s: float, measured: str) -> None:
+        super().__init__(f"{estimate_s:.0f} s")
+        self.estimate_s = estimate_s
+        self.measured = measured
+
+
+# The pass allocates each chunk's temporaries (a few MiB) between the small tensors it keeps
+# (the disagreeing entries): glibc then serves later chunks from a heap it cannot shrink, and the
+# resident set grows with the number of chunks. Freed pages are handed back whenever they exceed
+# a share of the budget (numerics.finite_diff.release_memory, RELEASE_SHARE).
+
+
+class _Plan:
+    """--mode auto's cost model for the pass: the first chunk pays one-time costs (vmap setup,
+    the batched-backward check, first-touch memory), so the rate is measured on the chunks after
+    it, over at least MEASURE_CHUNKS of them and MEASURE_SECONDS (a few tens of milliseconds
+    misjudged a pass by 7x once on a shared machine); the whole pass is estimated as
+    first + rate x the rest, and the decision is taken once (a later stall does not throw away a
+    check that was going to finish). Time is the CPU time of the thread running the check, not
+    the wall clock: the decision then depends on the op and the machine, not on what else the
+    machine is running (measured: 3-4x longer wall-clock rows on a shared 2-core machine at load
+    8). Not the whole process's CPU time either: torch's worker threads spin while they wait for
+    a core on a loaded machine, and that would count (measured 5-10x inflated)."""
+
+    MEASURE_CHUNKS = 3
+    MEASURE_SECONDS = 0.3
+
+    def __init__(self, rows_total: int, limit: float) -> None:
+        self.rows_total = rows_total
+        self.limit = limit
+        self.started = time.thread_time()
+        self.first: tuple[int, float] | None = None
+        self.chunks = 0
+        self.decided = not math.isfinite(limit)
+
+    def after_chunk(self, rows_done: int) -> None:
+        if self.decided:
+            return
+        now = time.thread_time()
+        self.chunks += 1
+        if self.first is None:
+            self.first = (rows_done, now - self.started)
+            return
+        first_rows, first_s = self.first
+        spent = now - self.started - first_s
+        if self.chunks - 1 < self.MEASURE_CHUNKS or spent < self.MEASURE_SECONDS:
+            return
+        self.decided = True
+        rate = spent / max(1, rows_done - first_rows)
+        estimate = first_s + rate * (self.rows_total - first_rows)
+        if estimate > self.limit:
+            raise OverBudget(estimate, f"{rows_done - first_rows} rows after the first chunk in {spent:.2f} s of CPU")
 
 
 @dataclass
@@ -42,7 +121,7 @@ class _Block:
     a: list[torch.Tensor] = field(default_factory=list)
     t: list[torch.Tensor] = field(default_factory=list)
     scale: list[torch.Tensor] = field(default_factory=list)
-    zero_row: list[torch.Tensor] = field(default_factory=list)
+    slack: list[torch.Tensor] = field(default_factory=list)
     nonzero: torch.Tensor | None = None
 
     @property
@@ -58,24 +137,87 @@ class _Block:
         return self.m * self.n
 
 
-def _bins(size: int, limit: int) -> int:
-    return min(size, limit)
+@dataclass
+class _Store:
+    """What the pass keeps, with its budget: the disagreeing entries, and the sparsity pattern
+    of the rows holding them -- one row per distinct column set (colouring only needs the
+    distinct constraints; a structured Jacobian repeats a few sets over all its rows)."""
+
+    entry_cap: int
+    pattern_cap: int
+    stored: int = 0
+    overflow: int = 0
+    patterns: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    pattern_pairs: dict[int, int] = field(default_factory=dict)
+    pattern_ok: dict[int, bool] = field(default_factory=dict)
+    seen: dict[int, set[tuple[int, int, int]]] = field(default_factory=dict)
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def keep_pattern(self, p: int, n: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Non-zero (row, column) pairs of some rows (sorted by row) of input p's columns."""
+        if not self.pattern_ok.get(p, True) or not rows.numel():
+            return
+        if p not in self.weights:
+            gen = torch.Generator().manual_seed(4243 + p)
+            self.weights[p] = (torch.randint(0, 2**40, (n,), generator=gen), torch.randint(0, 2**40, (n,), generator=gen))
+        w1, w2 = self.weights[p]
+        ids, inverse, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
+        h1 = torch.zeros(ids.numel(), dtype=torch.long).index_add_(0, inverse, w1[cols])
+        h2 = torch.zeros(ids.numel(), dtype=torch.long).index_add_(0, inverse, w2[cols])
+        seen = self.seen.setdefault(p, set())
+        fresh = torch.zeros(ids.numel(), dtype=torch.bool)
+        for k, signature in enumerate(zip(counts.tolist(), h1.tolist(), h2.tolist())):
+            if signature not in seen:
+                seen.add(signature)
+                fresh[k] = True
+        if not bool(fresh.any()):
+            return
+        pick = fresh[inverse]
+        rows, cols = rows[pick], cols[pick]
+        used = self.pattern_pairs.get(p, 0) + int(rows.numel())
+        if sum(self.pattern_pairs.values()) + int(rows.numel()) > self.pattern_cap:
+            self.pattern_ok[p] = False
+            self.patterns[p] = []
+            self.pattern_pairs[p] = 0
+            return
+        self.patterns.setdefault(p, []).append((rows.to(torch.int32), cols.to(torch.int32)))
+        self.pattern_pairs[p] = used
+
+    def pattern(self, p: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.pattern_ok.get(p, True):
+            return None
+        parts = self.patterns.get(p, [])
+        if not parts:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat([r for r, _ in parts]).to(torch.long), torch.cat([c for _, c in parts]).to(torch.long)
 
 
-def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: int) -> CheckResult:
-    from gradverify.checks.jacobian import assemble, norm_test
+def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries: int, *,
+                   time_limit: float | None = None, mode_note: str = "") -> CheckResult:
+    """Every entry, row chunk by row chunk. time_limit (auto mode): raise OverBudget as soon as
+    the pass, extrapolated from the rows done, would take longer."""
+    from gradverify.checks.jacobian import (
+        SLACK_FACTOR,
+        SLACK_MIN_EPS,
+        assemble,
+        norm_test,
+    )
 
     reference = truth.reference.source
     assert reference is not None
     tolerance = ctx.tolerance
+    budget = ctx.settings.max_memory
     leaves = dict(analytic.leaves)
+    offsets = truth.fd.row_offsets()
     blocks = {(o, p): _Block(o, p, tuple(out.shape), tuple(leaves[p].shape))
               for o, out in analytic.outputs.items() for p in leaves}
-    # Each kept entry costs ~5 numbers plus the temporaries of judging it: 96 bytes per entry.
-    store_cap = max(10_000, ctx.settings.max_memory // 96)
-    stored = 0
-    overflow = 0
+    store = _Store(entry_cap=max(10_000, budget // STORE_BYTES_PER_ENTRY),
+                   pattern_cap=max(100_000, budget // PATTERN_SHARE // PATTERN_BYTES_PER_PAIR))
+    slack_wanted = tolerance.eps >= SLACK_MIN_EPS
     chunks = 0
+    rows_total = sum(max(1, out.numel()) for out in analytic.outputs.values())
+    rows_done = 0
+    plan = _Plan(rows_total, time_limit or math.inf)
     for o, out in analytic.outputs.items():
         m = max(1, out.numel())
         step = min(analytic.rows_per_chunk(o), reference.rows_per_chunk(o))
@@ -83,6 +225,7 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
             stop = min(m, start + step)
             a_rows = analytic.rows(o, start, stop)
             t_rows = reference.rows(o, start, stop)
+            moved: dict[int, torch.Tensor] | None = None
             chunks += 1
             for p in leaves:
                 st = blocks[(o, p)]
@@ -90,208 +233,261 @@ def streamed_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries:
                 t = t_rows[p].double()
                 if not t.numel():
                     continue
-                _mark_nonzero(st, t, a, start)
-                finite_t = torch.where(torch.isfinite(t), t.abs(), torch.zeros_like(t))
-                row_max = finite_t.amax(dim=1)
+                row_max, r, c, nonzeros = _scan(st, a, t, start, tolerance)
                 st.max_truth = max(st.max_truth, float(row_max.max()))
-                # Rows whose truth is all zero take the block's largest entry seen so far; the
-                # entries kept from them are judged again with the final one at the end.
-                zero_rows = row_max == 0
-                scale = torch.where(zero_rows, torch.full_like(row_max, st.max_truth or 1.0), row_max)
-                scale = scale.unsqueeze(1).expand_as(t)
-                err = torch.where(torch.isfinite(a), (a - t).abs(), torch.full_like(a, math.inf))
-                st.max_err = max(st.max_err, float(torch.where(torch.isfinite(t), err, torch.zeros_like(err)).max()))
-                cand = judge.disagrees(a, t, scale, tolerance)
-                count = int(cand.sum())
+                if not r.numel():
+                    continue
+                # Entries that may disagree: the policy itself (numerics.judge) decides each one.
+                # Rows whose truth is all zero take the block's largest entry seen so far (0 before
+                # any: every non-zero A there is kept); the entries kept from them are judged again
+                # with the final fallback at the end (numerics.tolerance: block, case, units).
+                a_e, t_e, row_e = a[r, c], t[r, c], row_max[r]
+                scale_e = torch.where(row_e > 0, row_e, torch.full_like(row_e, st.max_truth))
+                slack_e = None
+                if slack_wanted:
+                    if moved is None:
+                        moved = _moved_rows(truth, o, start, stop)
+                    if p in moved:
+                        slack_e = SLACK_FACTOR * (moved[p][r, c].double() - t_e).abs().nan_to_num(0.0, 0.0, 0.0)
+                keep = judge.disagrees(a_e, t_e, scale_e, tolerance, slack_e)
+                count = int(keep.sum())
                 if not count:
                     continue
                 st.candidates += count
-                if stored + count > store_cap:
-                    overflow += count
+                if store.stored + count > store.entry_cap:
+                    store.overflow += count
                     continue
-                r, c = torch.nonzero(cand, as_tuple=True)
+                r, c = r[keep], c[keep]
                 st.rows.append(r + start)
                 st.cols.append(c)
-                st.a.append(a[r, c])
-                st.t.append(t[r, c])
-                st.scale.append(scale[r, c])
-                st.zero_row.append(zero_rows[r])
-                stored += count
-    return _judge(ctx, analytic, truth, blocks, entries, chunks, overflow, assemble, norm_test)
+                st.a.append(a_e[keep])
+                st.t.append(t_e[keep])
+                st.scale.append(row_e[keep])  # 0 for an all-zero truth row: fixed at the end
+                if slack_e is not None:
+                    st.slack.append(slack_e[keep])
+                store.stored += count
+                if nonzeros is None:
+                    holding = torch.unique_consecutive(r)  # nonzero() lists rows in order
+                    pr, pc = torch.nonzero((t[holding] != 0) | (a[holding] != 0), as_tuple=True)
+                    nonzeros = (holding[pr], pc)
+                store.keep_pattern(p, st.n, offsets[o] + start + nonzeros[0], nonzeros[1])
+            del a_rows, t_rows, moved
+            rows_done += stop - start
+            release_memory(budget // RELEASE_SHARE)
+            if time_limit is not None and rows_done < rows_total:
+                plan.after_chunk(rows_done)
+    return _judge(ctx, analytic, truth, blocks, store, entries, chunks, assemble, norm_test, mode_note)
 
 
-def _mark_nonzero(st: _Block, t: torch.Tensor, a: torch.Tensor, start: int) -> None:
-    """Keep a binned map of where the truth or the backward is non-zero (for the heatmap)."""
-    rb, cb = _bins(st.m, HEATMAP_MAX_ROWS), _bins(st.n, HEATMAP_MAX_COLS)
+def _moved_rows(truth: Truth, o: int, start: int, stop: int) -> dict[int, torch.Tensor]:
+    """Rows start..stop of the reference at inputs moved by the dtype's rounding (the slack)."""
+    moved = truth.perturbed()
+    if moved is None or moved.reference.source is None:
+        return {}
+    return moved.reference.source.rows(o, start, stop)
+
+
+def _scan(st: _Block, a: torch.Tensor, t: torch.Tensor, start: int, tolerance: Any
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One chunk in few passes: each row's largest finite |truth|, the block's statistics, the
+    heatmap's non-zero map, and the (row, column) entries that may disagree -- a superset of
+    numerics.judge.disagrees (scale 0 for an all-zero truth row, no slack), which the caller then
+    applies to those entries alone: the policy decides every entry, this only skips the ones that
+    cannot disagree. All-finite chunks take a fused path (measured ~6 ns an entry against ~60
+    for the masked form); a chunk holding a non-finite value, the policy's own masks. Also
+    returns the non-zero (row, column) pairs of the rows holding candidates when it found them
+    on the way (None: the caller finds them)."""
+    abs_t = t.abs()
+    err = (a - t).abs_()
+    row_max = abs_t.amax(dim=1)
+    err_max = err.amax(dim=1)
+    if not (bool(torch.isfinite(row_max).all()) and bool(torch.isfinite(err_max).all())):
+        finite_t = torch.isfinite(t)
+        _mark_nonzero(st, start, t.shape[0], lambda lo, hi: ((t[lo:hi] != 0) | (a[lo:hi] != 0)).any(dim=0))
+        row_max = torch.where(finite_t, abs_t, torch.zeros_like(abs_t)).amax(dim=1)
+        err = torch.where(torch.isfinite(a), err, torch.full_like(err, math.inf))
+        st.max_err = max(st.max_err, float(torch.where(finite_t, err, torch.zeros_like(err)).max()))
+        r, c = torch.nonzero(judge.disagrees(a, t, row_max.unsqueeze(1).expand_as(t), tolerance), as_tuple=True)
+        return row_max, r, c, None
+    # The heatmap's 'o' marks where the truth is non-zero; where only A is, the entry disagrees
+    # (A != 0 = T beyond atol) or is 0 to the tolerance, and is drawn by its verdict or as zero.
+    _mark_nonzero(st, start, t.shape[0], lambda lo, hi: abs_t[lo:hi].amax(dim=0) > 0)
+    st.max_err = max(st.max_err, float(err_max.max()))
+    # allowed - |A - T| with allowed = atol s + rtol |T| (numerics.judge.allowed), one pass each.
+    margin = torch.add((tolerance.atol * row_max).unsqueeze(1), abs_t, alpha=tolerance.rtol).sub_(err)
+    hot = torch.nonzero(margin.amin(dim=1) < 0).reshape(-1)
+    if not hot.numel():
+        return row_max, hot, hot, None
+    # Only entries where A or T is non-zero can disagree: find those once (they are also the
+    # sparsity pattern the compressed differences need), then test the margin there.
+    # (|T| + |A - T| is non-zero exactly where A or T is, both terms being finite and >= 0.)
+    if hot.numel() == t.shape[0]:
+        pr, pc = torch.nonzero(torch.add(abs_t, err), as_tuple=True)
+    else:
+        pr, pc = torch.nonzero(torch.add(abs_t[hot], err[hot]), as_tuple=True)
+        pr = hot[pr]
+    negative = margin[pr, pc] < 0
+    return row_max, pr[negative], pc[negative], (pr, pc)
+
+
+def _mark_nonzero(st: _Block, start: int, k: int, columns_hit: Callable[[int, int], torch.Tensor]) -> None:
+    """Keep a binned map of where the truth or the backward is non-zero (for the heatmap):
+    columns_hit(lo, hi) says which columns are non-zero in the chunk's rows lo..hi-1 (one row bin)."""
+    rb, cb = min(st.m, HEATMAP_MAX_ROWS), min(st.n, HEATMAP_MAX_COLS)
     if st.nonzero is None:
         st.nonzero = torch.zeros((rb, cb), dtype=torch.int8)
-    k = t.shape[0]
-    nz = ((t.abs() > 0) | (a.abs() > 0)).to(torch.int8)
-    col_bin = (torch.arange(st.n) * cb // st.n).unsqueeze(0).expand(k, st.n)
-    per_row = torch.zeros((k, cb), dtype=torch.int8).scatter_reduce_(1, col_bin, nz, reduce="amax")
-    row_bin = (torch.arange(start, start + k) * rb // st.m)
-    st.nonzero.index_reduce_(0, row_bin, per_row, reduce="amax")
-
-
-# Finite-difference columns the cross-check computes at most per input (one column is one
-# directional derivative per step level over every output): beyond this, a sample of the
-# disagreeing columns is checked and the count of mismatches is a lower bound.
-MAX_CONFIRM_COLUMNS = 4096
+    col_bin = torch.arange(st.n) * cb // st.n
+    for b in range(start * rb // st.m, (start + k - 1) * rb // st.m + 1):
+        # Row r lies in bin r * rb // m: bin b holds rows ceil(b m / rb) .. ceil((b + 1) m / rb) - 1.
+        lo = max(start, -(-b * st.m // rb)) - start
+        hi = min(start + k, -(-(b + 1) * st.m // rb)) - start
+        if hi <= lo:
+            continue
+        hit = columns_hit(lo, hi).to(torch.int8)
+        per_bin = torch.zeros(cb, dtype=torch.int8).scatter_reduce_(0, col_bin, hit, reduce="amax")
+        st.nonzero[b] = torch.maximum(st.nonzero[b], per_bin)
 
 
 def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tuple[int, int], _Block],
-           entries: int, chunks: int, overflow: int, assemble, norm_test) -> CheckResult:  # type: ignore[no-untyped-def]
+           store: _Store, entries: int, chunks: int, assemble: Callable[..., CheckResult],
+           norm_test: Callable[..., list[Diagnosis]], mode_note: str) -> CheckResult:
     tolerance = ctx.tolerance
     fd = truth.fd
     names = ctx.output_names
+    offsets = fd.row_offsets()
     mismatches: list[Mismatch] = []
-    total_bad = 0
-    unverifiable = 0
-    kinks = 0
-    excused = 0
-    columns_done = 0
-    lower_bound = overflow > 0
-    heatmaps = []
+    per_block: list[list[Mismatch]] = []
+    total_bad = unverifiable = kinks = excused = 0
+    lower_bound = store.overflow > 0
+    sampled = False
+    heatmaps: list[Heatmap] = []
     diagnoses: list[Diagnosis] = []
     cap = ctx.settings.mismatch_cap
-    gen = torch.Generator().manual_seed(ctx.case.seed + 71)
-    for (o, p), st in blocks.items():
-        if not st.rows:
+    fd_text: list[str] = []
+    case_max = max((st.max_truth for st in blocks.values()), default=0.0)
+    for p in dict(analytic.leaves):
+        kept = [(o, st) for (o, q), st in blocks.items() if q == p and st.rows]
+        if not kept:
             continue
-        rows, cols = torch.cat(st.rows), torch.cat(st.cols)
-        a, t, scale = torch.cat(st.a), torch.cat(st.t), torch.cat(st.scale)
-        # Entries kept from all-zero truth rows were screened with the block's largest entry so
-        # far: judge them again with the block's final one (every other entry keeps its row's).
-        zero_row = torch.cat(st.zero_row)
-        final = torch.where(zero_row, torch.full_like(scale, st.max_truth or 1.0), scale)
-        keep = judge.disagrees(a, t, final, tolerance)
-        rows, cols, a, t, scale = rows[keep], cols[keep], a[keep], t[keep], final[keep]
-        if not rows.numel():
+        judged = _gather(kept, offsets, tolerance, case_max, analytic)
+        if not judged.count:
             continue
-        unique_cols, inverse = torch.unique(cols, return_inverse=True)
-        if unique_cols.numel() > MAX_CONFIRM_COLUMNS:
-            lower_bound = True
-            pick = torch.randperm(unique_cols.numel(), generator=gen)[:MAX_CONFIRM_COLUMNS]
-            chosen = torch.zeros(unique_cols.numel(), dtype=torch.bool)
-            chosen[pick] = True
-            sel = chosen[inverse]
-            rows, cols, a, t, scale = rows[sel], cols[sel], a[sel], t[sel], scale[sel]
-            unique_cols, inverse = torch.unique(cols, return_inverse=True)
-        columns_done += int(unique_cols.numel())
-        m = st.m
-        group = max(1, ctx.settings.max_memory // (3 * 8 * max(1, m) * 4))
-        f_val = torch.empty_like(a)
-        f_bar = torch.empty_like(a)
-        kink = torch.zeros_like(a, dtype=torch.bool)
-        for g0 in range(0, int(unique_cols.numel()), group):
-            chunk_cols = unique_cols[g0:g0 + group]
-            nc = fd.columns(p, chunk_cols)
-            est, bars, kk = (nc.estimates[o].reshape(m, -1), nc.bars[o].reshape(m, -1), nc.kinks[o].reshape(m, -1))
-            sel = (inverse >= g0) & (inverse < g0 + chunk_cols.numel())
-            local = inverse[sel] - g0
-            f_val[sel] = est[rows[sel], local].double()
-            f_bar[sel] = bars[rows[sel], local].double()
-            kink[sel] = kk[rows[sel], local]
-        verdict = judge.with_reference(a, t, f_val, f_bar, kink, scale, tolerance)
-        bad = verdict == int(Verdict.MISMATCH)
-        n_bad = int(bad.sum())
-        total_bad += n_bad
-        unverifiable += int(((verdict == int(Verdict.UNVERIFIABLE)) | (verdict == int(Verdict.KINK))).sum())
-        kinks += int((verdict == int(Verdict.KINK)).sum())
-        excused += int((verdict == int(Verdict.EXCUSED)).sum())
-        allowed = judge.allowed(t, scale, tolerance)
-        err = torch.where(torch.isfinite(a), (a - t).abs(), torch.full_like(a, math.inf))
-        idx = torch.nonzero(bad).reshape(-1)
-        order = idx[torch.argsort(err[idx], descending=True, stable=True)][:cap]
-        for k in order.tolist():
-            mismatches.append(Mismatch(output=names[o], input=ctx.input_names[p],
-                                       out_index=unravel(int(rows[k]), st.out_shape),
-                                       in_index=unravel(int(cols[k]), st.in_shape), expected=float(t[k]),
-                                       got=float(a[k]), tolerance=float(allowed[k]), second=float(f_val[k])))
-        if n_bad or bool((verdict != int(Verdict.AGREE)).any()):
-            heatmaps.append(_heatmap(st, names[o], ctx.input_names[p], rows, cols, verdict))
-        if n_bad:
-            diagnoses.append(sparse_diagnosis(names[o], ctx.input_names[p], st, rows[bad], cols[bad], a[bad],
-                                              allowed[bad], _analytic_nonzero(analytic, o, p)))
-    mismatches.sort(key=lambda mm: -mm.abs_err if mm.abs_err == mm.abs_err else float("-inf"))
-    details = [("mode", f"full: every entry, streamed in {chunks} row chunks within --max-memory "
-                        f"{ctx.settings.max_memory / 2**20:.0f} MiB; only disagreeing entries kept"),
+        second = second_truth(fd, p, judged, tolerance, pattern=store.pattern(p), max_columns=MAX_CONFIRM_COLUMNS,
+                              seed=ctx.case.seed)
+        fd_text.append(second.describe())
+        if second.sampled:
+            lower_bound = sampled = True
+        if not bool(second.computed.all()):  # a sample of the columns: judge those entries only
+            done = second.computed
+            judged = Judged(rows=judged.rows[done], cols=judged.cols[done], a=judged.a[done], t=judged.t[done],
+                            scale=judged.scale[done], slack=judged.slack[done] if judged.slack is not None else None)
+            second.values, second.bars, second.kinks = second.values[done], second.bars[done], second.kinks[done]
+        verdict = judge.with_reference(judged.a, judged.t, second.values, second.bars, second.kinks, judged.scale,
+                                       tolerance, judged.slack)
+        rows, cols, a, t, f = judged.rows, judged.cols, judged.a, judged.t, second.values
+        allowed = judge.allowed(t, judged.scale, tolerance, judged.slack)
+        del judged, second
+        release_memory()
+        for o, st in kept:
+            lo, hi = offsets[o], offsets[o] + st.m
+            mine = (rows >= lo) & (rows < hi)
+            if not bool(mine.any()):
+                continue
+            if bool(mine.all()):
+                mine = slice(None)  # type: ignore[assignment]
+            v, r, c = verdict[mine], rows[mine] - lo, cols[mine]
+            bad = v == int(Verdict.MISMATCH)
+            n_bad = int(bad.sum())
+            total_bad += n_bad
+            unverifiable += int(((v == int(Verdict.UNVERIFIABLE)) | (v == int(Verdict.KINK))).sum())
+            kinks += int((v == int(Verdict.KINK)).sum())
+            excused += int((v == int(Verdict.EXCUSED)).sum())
+            per_block.append(listed(ctx, o, p, st, bad, r, c, a[mine], t[mine], allowed[mine], f[mine], cap))
+            if n_bad or bool((v != int(Verdict.AGREE)).any()):
+                heatmaps.append(heatmap(st, names[o], ctx.input_names[p], r, c, v))
+            if n_bad:
+                diagnoses.append(sparse_diagnosis(names[o], ctx.input_names[p], st, r[bad], c[bad], a[mine][bad],
+                                                  allowed[mine][bad], analytic_nonzero(analytic, o, p)))
+        del verdict, rows, cols, a, t, f, allowed
+        release_memory()
+    # Each block's list is sorted already (worst first): merge them, and keep the worst `cap`.
+    if len(per_block) == 1:
+        mismatches = per_block[0]
+    elif per_block:
+        # Non-finite analytic values count as infinitely wrong, as in streamed_findings.listed.
+        merged = heapq.merge(*per_block, key=lambda mm: -mm.abs_err if mm.abs_err == mm.abs_err else -math.inf)
+        mismatches = list(itertools.islice(merged, cap))
+    mode = (f"full: every entry, streamed in {chunks} row chunks within --max-memory "
+            f"{ctx.settings.max_memory / 2**20:.0f} MiB; only disagreeing entries kept")
+    details = [("mode", mode + mode_note),
                ("analytic", analytic.path + (f" (vmap fallback: {analytic.fallback_reason})"
                                              if analytic.fallback_reason else "")),
                ("truth", truth.description),
                ("tolerance", tolerance.describe()),
-               ("finite differences", f"{columns_done} columns holding a disagreement ({fd.path}); "
-                                      f"{fd.evaluations} forward evaluations")]
+               ("finite differences", ("; ".join(fd_text) if fd_text else "0 columns (no entry to cross-check)")
+                + f" ({fd.path}); {fd.evaluations} forward evaluations in all")]
     notes: list[str] = []
-    if lower_bound:
-        notes.append("more entries disagree with the reference than the memory budget lets gradverify cross-check "
-                     "with finite differences: the count of mismatched entries is a lower bound (raise --max-memory "
-                     "for an exact count)")
+    if store.overflow:
+        notes.append(f"more entries disagree with the reference than --max-memory lets gradverify keep ({store.overflow} "
+                     "not kept): the count of mismatched entries is a lower bound (raise --max-memory for an exact "
+                     "count)")
+    if sampled:
+        notes.append(f"the entries to cross-check span more than {MAX_CONFIRM_COLUMNS} columns that finite differences "
+                     "must take one by one: a sample of them was checked and the count is a lower bound")
     if not total_bad:
         diagnoses.extend(norm_test(ctx, analytic, truth))
+    guarantee = ("every entry compared with the reference; entries that disagree judged against finite differences"
+                 if not lower_bound else "every entry compared with the reference; as many of those that disagree "
+                 "judged against finite differences as the budget allows (the count of wrong entries is a lower "
+                 "bound)")
     return assemble(ctx, truth, details=details, entries=entries, compared=entries, count=total_bad,
                     mismatches=mismatches[:cap], diagnoses=diagnoses, unverifiable=unverifiable, kinks=kinks,
                     excused=excused, heatmaps=tuple(heatmaps),
                     max_err=max((st.max_err for st in blocks.values()), default=0.0),
-                    lower_bound=lower_bound and total_bad > 0, notes=tuple(notes))
+                    lower_bound=lower_bound and total_bad > 0, notes=tuple(notes), guarantee=guarantee)
 
 
-def _heatmap(st: _Block, out_name: str, in_name: str, rows: torch.Tensor, cols: torch.Tensor,
-             verdict: torch.Tensor):  # type: ignore[no-untyped-def]
-    rb, cb = _bins(st.m, HEATMAP_MAX_ROWS), _bins(st.n, HEATMAP_MAX_COLS)
-    codes = st.nonzero.clone() if st.nonzero is not None else torch.zeros((rb, cb), dtype=torch.int8)
-    for mask, code in (((verdict != int(Verdict.AGREE)) & (verdict != int(Verdict.MISMATCH)), 2),
-                       (verdict == int(Verdict.MISMATCH), 3)):
-        if bool(mask.any()):
-            r = rows[mask] * rb // st.m
-            c = cols[mask] * cb // st.n
-            codes[r, c] = torch.maximum(codes[r, c], torch.tensor(code, dtype=torch.int8))
-    return heatmap_from_codes(out_name, in_name, st.out_shape, st.in_shape, codes)
+def _gather(kept: list[tuple[int, _Block]], offsets: dict[int, int], tolerance: Any, case_max: float,
+            analytic: VjpSource) -> Judged:
+    """One input's kept entries over every output (stacked rows), judged again with their final
+    scale where it changed: for an all-zero truth row the block's largest entry, then the case's,
+    then the block's units (as the dense path: checks/jacobian._fallback_scale). Each block's
+    lists are released as they are joined."""
+    with_slack = all(len(st.slack) == len(st.rows) for _, st in kept) and any(st.slack for _, st in kept)
+    leaves = dict(analytic.leaves)
+    fields: dict[str, list[torch.Tensor]] = {name: [] for name in ("rows", "cols", "a", "t", "scale", "slack")}
+    for o, st in kept:
+        part = {name: _take(st, name) for name in ("rows", "cols", "a", "t", "scale", "slack")}
+        part["rows"] += offsets[o]
+        zero_rows = part["scale"] <= 0
+        if bool(zero_rows.any()):
+            fallback = st.max_truth or case_max or units_scale(analytic.outputs[o], leaves[st.in_pos])
+            part["scale"] = torch.where(zero_rows, torch.full_like(part["scale"], fallback), part["scale"])
+            keep = judge.disagrees(part["a"], part["t"], part["scale"], tolerance, part["slack"] if with_slack else None)
+            if not bool(keep.all()):
+                part = {name: value[keep] if value.numel() else value for name, value in part.items()}
+        for name, value in part.items():
+            fields[name].append(value)
+    joined = {name: torch.cat(values) if len(values) > 1 else values[0] for name, values in fields.items()}
+    return Judged(rows=joined["rows"], cols=joined["cols"], a=joined["a"], t=joined["t"], scale=joined["scale"],
+                  slack=joined["slack"] if with_slack else None)
 
 
-def _analytic_nonzero(analytic: VjpSource, o: int, p: int) -> bool:
-    """Whether block (o, p) of the analytic Jacobian has any non-zero entry: A^T u for one random
-    Gaussian u is zero for a non-zero A with probability 0 (one backward instead of a pass)."""
-    out = analytic.outputs[o]
-    u = torch.randn((1, *out.shape), generator=torch.Generator().manual_seed(991), dtype=torch.float64)
-    return bool((analytic.vjp({o: u})[p] != 0).any())
+def _take(st: _Block, name: str) -> torch.Tensor:
+    """Join one of a block's kept lists into one tensor and drop the list."""
+    values = getattr(st, name)
+    setattr(st, name, [])
+    if not values:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(values) if len(values) > 1 else values[0]
 
 
-def sparse_diagnosis(out_name: str, in_name: str, st: _Block, rows: torch.Tensor, cols: torch.Tensor,
-                     a: torch.Tensor, allowed: torch.Tensor, analytic_nonzero: bool) -> Diagnosis:
-    """The patterns a streamed comparison can establish from the wrong entries alone."""
-    deriv = f"∂{out_name}/∂{in_name}"
-    n_bad = int(rows.numel())
-    zero_at_bad = bool((a.abs() <= allowed).all())
-    if zero_at_bad and not analytic_nonzero:
-        return Diagnosis("zero_grad", f"{deriv} is all zero in the backward, but {n_bad} entries of the truth are not",
-                         output=out_name, input=in_name,
-                         hint=f"the gradient for {in_name} is never computed (zeros_like, a detach, or a wrong return "
-                              "slot)")
-    if zero_at_bad:
-        coupling = ""
-        if st.out_shape == st.in_shape and st.out_shape:
-            dims: set[int] = set()
-            sample = min(n_bad, 20000)
-            for r, c in zip(rows[:sample].tolist(), cols[:sample].tolist()):
-                o_idx, i_idx = unravel(r, st.out_shape), unravel(c, st.in_shape)
-                dims |= {d for d in range(len(st.out_shape)) if o_idx[d] != i_idx[d]}
-            if dims:
-                text = ", ".join(map(str, sorted(dims)))
-                coupling = f"; coupling along dim {text}, as through a sum over dim {text}"
-        return Diagnosis("missing_offdiag",
-                         f"missing off-diagonal terms: {deriv} is 0 in the backward at all {n_bad} wrong entries, where "
-                         f"the truth couples the output to them{coupling}",
-                         output=out_name, input=in_name,
-                         evidence=f"{n_bad}/{n_bad} wrong entries are 0 in the backward (streamed comparison)",
-                         hint="the backward treats the op as element-wise: add the term that flows back through the "
-                              "reduction in forward")
-    if n_bad <= 3:
-        return Diagnosis("partial", f"{n_bad} of {st.entries} entries of {deriv} are wrong", output=out_name,
-                         input=in_name, hint="a boundary case or one index of the formula is wrong")
-    return Diagnosis("other", f"{deriv}: {n_bad} of {st.entries} entries differ (too large for the whole-block "
-                              "pattern rules: re-run at a smaller shape for a full diagnosis)",
-                     output=out_name, input=in_name, hint="the entries are listed; a smaller --shape names the pattern")
+def units_scale(out: torch.Tensor, leaf: torch.Tensor) -> float:
+    """Scale of an all-zero truth row where the block and the case are all zero too: the block's
+    units, rms(out) / rms(in)."""
+    out_rms = float(out.detach().double().pow(2).mean().sqrt()) if out.numel() else 0.0
+    in_rms = float(leaf.detach().double().pow(2).mean().sqrt()) if leaf.numel() else 0.0
+    return out_rms / in_rms if out_rms > 0 and in_rms > 0 else 1.0
 
 
-__all__ = ["streamed_check", "sparse_diagnosis", "Sequence"]
+__all__ = ["OverBudget", "sparse_diagnosis", "streamed_check", "units_scale"]
