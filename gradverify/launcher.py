@@ -13,20 +13,26 @@ started too, and dies with its parent (gradverify/worker.py: PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
 # The zygote's protocol: b"S" carrying three descriptors (the commands pipe's read end, the events
-# and output pipes' write ends) -> the child's pid, or NOT_FORKED; b"W" + (pid, seconds) -> the
+# and output pipes' write ends), then a length-prefixed JSON {"cwd", "env"} the child takes on
+# (the zygote outlives one run: in a test session or a library caller each run has its own working
+# folder and environment) -> the child's pid, or NOT_FORKED; b"W" + (pid, seconds) -> the
 # child's exit status (>= 0 a code, < 0 minus a signal) after waiting up to that long, or
 # STILL_RUNNING. Every reply is one signed 64-bit integer.
 _REPLY = struct.Struct(">q")
+_LENGTH = struct.Struct(">I")
 _WAIT = struct.Struct(">qd")
 NOT_FORKED = -(2**62)
 STILL_RUNNING = 2**62
@@ -121,6 +127,7 @@ class Zygote:
     """The forking process, driven synchronously from the supervisor's thread over a socket pair."""
 
     def __init__(self, env: dict[str, str], start_timeout: float) -> None:
+        self.lock = threading.Lock()  # one request and its reply at a time
         ours, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(interpreter_command("serve_forks"), stdin=theirs.fileno(), stdout=subprocess.DEVNULL,
@@ -131,8 +138,13 @@ class Zygote:
         self.start_timeout = start_timeout
         self.alive = True
 
-    def fork(self) -> ForkedProcess | None:
-        """A new worker, or None if the zygote cannot fork one (the caller spawns one instead)."""
+    def fork(self, env: dict[str, str]) -> ForkedProcess | None:
+        """A new worker in this process's working folder with `env`, or None if the zygote cannot
+        fork one (the caller spawns one instead)."""
+        with self.lock:
+            return self._fork(env)
+
+    def _fork(self, env: dict[str, str]) -> ForkedProcess | None:
         if not self.alive:
             return None
         commands_in, commands_out = os.pipe()
@@ -143,6 +155,8 @@ class Zygote:
             # The first request waits for the zygote to import torch: as long as a worker's load may take.
             self.sock.settimeout(self.start_timeout)
             socket.send_fds(self.sock, [b"S"], [commands_in, events_out, output_out])
+            payload = json.dumps({"cwd": os.getcwd(), "env": env}).encode()
+            self.sock.sendall(_LENGTH.pack(len(payload)) + payload)
             pid = self._reply()
         except OSError:
             self.close()
@@ -157,6 +171,10 @@ class Zygote:
                              os.fdopen(output_in, "rb"))
 
     def wait(self, pid: int, wait_s: float) -> int | None:
+        with self.lock:
+            return self._wait(pid, wait_s)
+
+    def _wait(self, pid: int, wait_s: float) -> int | None:
         if not self.alive:
             return None
         try:
@@ -191,27 +209,45 @@ class Zygote:
             self.proc.wait()
 
 
+# One zygote per process, reused by every run in it (a test session, a library caller that checks
+# many times): starting one costs a torch import, forking from it milliseconds. It exits with this
+# process (its socket closes), taking its children with it.
+_shared: Zygote | None = None
+_shared_lock = threading.Lock()
+
+
+def _shared_zygote(env: dict[str, str], start_timeout: float) -> Zygote:
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.alive or _shared.proc.poll() is not None:
+            _shared = Zygote(env, start_timeout)
+        return _shared
+
+
+@atexit.register
+def _close_shared() -> None:
+    if _shared is not None:
+        _shared.close()
+
+
 class Launcher:
-    """Starts workers for one run: forked from a zygote where possible, fresh interpreters otherwise."""
+    """Starts workers for one run: forked from the process's zygote where possible, fresh
+    interpreters otherwise."""
 
     def __init__(self, env: dict[str, str], start_timeout: float) -> None:
         self.env = env
         self.start_timeout = start_timeout
-        self.zygote: Zygote | None = None
         self.use_zygote = sys.platform.startswith("linux") and hasattr(socket, "send_fds")
+        self.forked = 0  # workers of this run forked from the zygote (the others were spawned)
 
     def start(self) -> WorkerProcess:
         if self.use_zygote:
-            if self.zygote is None:
-                self.zygote = Zygote(self.env, self.start_timeout)
-            forked = self.zygote.fork()
+            forked = _shared_zygote(self.env, self.start_timeout).fork(self.env)
             if forked is not None:
+                self.forked += 1
                 return forked
             self.use_zygote = False  # it cannot fork safely (or died): fresh interpreters from now on
         return SpawnedProcess(self.env)
 
     def close(self) -> None:
-        if self.zygote is not None:
-            self.zygote.close()
-            self.zygote = None
-
+        """Nothing to release: the zygote stays for the next run of this process."""

@@ -79,11 +79,13 @@ def serve_forks() -> None:
         if not request:
             os._exit(0)  # the supervisor closed the socket (or is gone)
         if request == b"S":
-            safe = (len(fds) == 3 and threading.active_count() == 1 and _native_threads() == 1
-                    and not torch.cuda.is_initialized())
+            setting = _read_setting(channel)
+            safe = (len(fds) == 3 and setting is not None and threading.active_count() == 1
+                    and _native_threads() == 1 and not torch.cuda.is_initialized())
             pid = os.fork() if safe else -1
             if pid == 0:
-                _become_worker(channel, fds)
+                assert setting is not None
+                _become_worker(channel, fds, setting)
             for fd in fds:
                 os.close(fd)
             channel.sendall(reply.pack(pid if pid > 0 else not_forked))
@@ -105,10 +107,39 @@ def _native_threads() -> int:
         return 1
 
 
-def _become_worker(channel: Any, fds: list[int]) -> None:
-    """In the forked child: its own session, the three pipes as fds 0/1/2, then a worker's life."""
+def _read_setting(channel: Any) -> dict[str, Any] | None:
+    """The working folder and environment the next child takes on (see launcher.py)."""
+    import json
+    import struct
+
+    data = b""
+    try:
+        while len(data) < 4:
+            chunk = channel.recv(4 - len(data))
+            if not chunk:
+                os._exit(0)
+            data += chunk
+        (length,) = struct.unpack(">I", data)
+        payload = b""
+        while len(payload) < length:
+            chunk = channel.recv(min(1 << 16, length - len(payload)))
+            if not chunk:
+                os._exit(0)
+            payload += chunk
+        setting = json.loads(payload)
+    except (OSError, ValueError):
+        return None
+    return setting if isinstance(setting, dict) else None
+
+
+def _become_worker(channel: Any, fds: list[int], setting: dict[str, Any]) -> None:
+    """In the forked child: the run's folder and environment, its own session, the three pipes as
+    fds 0/1/2, then a worker's life."""
     try:
         channel.close()
+        os.chdir(setting["cwd"])
+        os.environ.clear()
+        os.environ.update(setting["env"])
         os.setsid()
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)

@@ -185,6 +185,31 @@ def test_fresh_interpreters_where_workers_cannot_be_forked(tmp_path: Path) -> No
     supervisor = Supervisor([str(tmp_path)], Settings(gradcheck="off"))
     supervisor.launcher.use_zygote = False  # as on macOS and Windows
     exits, right = supervisor.run()
-    assert supervisor.launcher.zygote is None
+    assert supervisor.launcher.forked == 0
     assert exits.message.startswith("the process running backward exited with code 3 without reporting")
     assert right.status is Status.PASSED and "right forward" in right.output
+
+
+def test_runs_in_one_process_share_the_zygote_and_each_worker_takes_its_runs_folder_and_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test session or a library caller runs many checks: the zygote (a torch import) is started
+    once, and every forked worker still sees the folder and environment of its own run."""
+    import gradverify.launcher as launcher
+
+    outputs = []
+    for k in range(2):
+        folder = tmp_path / f"run{k}"
+        write_op(folder, "op.py", "Right",
+                 forward="print('cwd=' + os.getcwd() + ' tag=' + os.environ.get('GV_TEST_TAG', '-'))")
+        monkeypatch.chdir(folder)
+        monkeypatch.setenv("GV_TEST_TAG", f"tag{k}")
+        supervisor = Supervisor(["op.py"], Settings(gradcheck="off"))
+        [case] = supervisor.run()
+        assert case.status is Status.PASSED, case.message
+        outputs.append(case.output)
+        zygote = launcher._shared
+        if k == 0:
+            first = zygote
+        if sys.platform.startswith("linux"):
+            assert supervisor.launcher.forked == 1 and zygote is first and zygote is not None and zygote.alive
+    assert f"cwd={tmp_path / 'run0'} tag=tag0" in outputs[0] and f"cwd={tmp_path / 'run1'} tag=tag1" in outputs[1]
