@@ -95,3 +95,36 @@ def test_kept_pattern_holds_one_row_per_distinct_column_set() -> None:
     store.keep_pattern(0, 6, rows, cols)
     kept_rows, kept_cols = store.pattern(0)  # type: ignore[misc]
     assert torch.unique(kept_rows).tolist() == [0, 1] and kept_cols.numel() == 6
+
+
+class ReluLeakyBelowZero(torch.autograd.Function):
+    """A leaky ReLU whose backward uses slope 1 below zero too: a wrong branch, right elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        return torch.where(x > 0, x, 0.1 * x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return g * torch.ones_like(x)
+
+
+def test_a_streamed_failure_is_named_by_the_whole_block_rules_when_its_blocks_fit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The streamed pass keeps only the wrong entries; the name "wrong branch (x < 0)" needs the
+    # right ones too, so a failing block that fits is rebuilt for the diagnosis.
+    from gradverify.numerics import streamed_findings
+
+    # 360 x 360 entries: streamed (past the 8 MiB dense working set), and the failing block's
+    # 12 copies fit the default --max-memory.
+    x = torch.randn(30, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    negative = int((x < 0).sum())
+    streamed = _jacobian(gradverify.verify(ReluLeakyBelowZero, x, gradcheck="off", mode="full"))
+    assert "streamed" in dict(streamed.details)["mode"] and streamed.mismatch_count == negative
+    assert [d.kind for d in streamed.diagnoses] == ["wrong_branch"]
+    assert "x < 0" in streamed.diagnoses[0].message
+    # Too large to hold: what the wrong entries alone establish, never a wrong name.
+    monkeypatch.setattr(streamed_findings, "WHOLE_BLOCK_MAX_ENTRIES", 100)
+    alone = _jacobian(gradverify.verify(ReluLeakyBelowZero, x, gradcheck="off", mode="full"))
+    assert alone.mismatch_count == negative and [d.kind for d in alone.diagnoses] == ["other"]

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gradverify.numerics import judge
 from gradverify.numerics.blocks import (
     HEATMAP_MAX_COLS,
     HEATMAP_MAX_ROWS,
+    BlockComparison,
     heatmap_from_codes,
 )
 from gradverify.numerics.judge import Verdict
@@ -20,7 +22,7 @@ from gradverify.numerics.vjp import VjpSource
 from gradverify.report import Diagnosis, Heatmap, Mismatch
 
 if TYPE_CHECKING:
-    from gradverify.checks.base import CaseContext
+    from gradverify.checks.base import CaseContext, Truth
     from gradverify.numerics.streaming import _Block
 
 
@@ -74,6 +76,52 @@ def analytic_nonzero(analytic: VjpSource, o: int, p: int) -> bool:
     out = analytic.outputs[o]
     u = torch.randn((1, *out.shape), generator=torch.Generator().manual_seed(991), dtype=torch.float64)
     return bool((analytic.vjp({o: u})[p] != 0).any())
+
+
+# A failing block is named by the whole-block pattern rules (gradverify.diagnose) when its two
+# blocks fit: the streamed path keeps only the disagreeing entries, but rules such as
+# wrong_branch need the agreeing ones too ("the x < 0 entries are wrong, the others right").
+# Only a failing block pays for it, once: the analytic and reference blocks and the rules'
+# temporaries, about WHOLE_BLOCK_COPIES float64 copies, within --max-memory; and at most
+# WHOLE_BLOCK_MAX_ENTRIES entries so that the rules (a few passes each) stay well under a second
+# or two. Larger blocks get what the kept entries alone establish (sparse_diagnosis).
+WHOLE_BLOCK_COPIES = 12
+WHOLE_BLOCK_MAX_ENTRIES = 2 ** 22
+
+
+def whole_block_diagnosis(ctx: CaseContext, analytic: VjpSource, truth: Truth, o: int, p: int, st: _Block,
+                          rows: torch.Tensor, cols: torch.Tensor, verdict: torch.Tensor, allowed: torch.Tensor,
+                          second: torch.Tensor) -> list[Diagnosis] | None:
+    """The dense path's diagnosis for one failing block, rebuilt from the streamed verdicts: every
+    entry not kept agreed with the reference. None when the block is too large to hold."""
+    from gradverify.diagnose import diagnose
+
+    reference = truth.reference.source
+    if (reference is None or st.entries > WHOLE_BLOCK_MAX_ENTRIES
+            or st.entries * 8 * WHOLE_BLOCK_COPIES > ctx.settings.max_memory):
+        return None
+    a = analytic.blocks(o)[p].reshape(st.m, st.n).double()
+    t = reference.blocks(o)[p].reshape(st.m, st.n).double()
+    scale = judge.row_scales(t, st.max_truth or 1.0).unsqueeze(1).expand_as(t)
+    full_allowed = judge.allowed(t, scale, ctx.tolerance)
+    full_verdict = torch.full(t.shape, int(Verdict.AGREE), dtype=torch.int8)
+    full_second = torch.full(t.shape, math.nan, dtype=torch.float64)
+    r, c = rows.to(torch.long), cols.to(torch.long)
+    full_verdict[r, c] = verdict.to(torch.int8)
+    full_allowed[r, c] = allowed
+    full_second[r, c] = second
+    shape = (*st.out_shape, *st.in_shape)
+    in_names = ctx.input_names
+    comparison = BlockComparison(
+        out_pos=o, in_pos=p, out_name=ctx.output_names[o], in_name=in_names[p],
+        analytic=a.reshape(shape), truth=t.reshape(shape), allowed=full_allowed.reshape(shape),
+        verdict=full_verdict.reshape(shape), out_shape=st.out_shape, in_shape=st.in_shape,
+        second=full_second.reshape(shape),
+        inputs=({name: value.detach() if isinstance(value, torch.Tensor) else value
+                 for name, value in zip(in_names, truth.args)} if len(in_names) == len(truth.args) else None),
+        outputs={ctx.output_names[k]: out.detach() for k, out in analytic.outputs.items()},
+        tangent=truth.fd.tangents.get(p), dtype=ctx.tolerance.dtype)
+    return list(diagnose([comparison]))
 
 
 def sparse_diagnosis(out_name: str, in_name: str, st: _Block, rows: torch.Tensor, cols: torch.Tensor,

@@ -30,7 +30,13 @@ from gradverify.numerics.blocks import HEATMAP_MAX_COLS, HEATMAP_MAX_ROWS
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.richardson import RELEASE_SHARE, release_memory
-from gradverify.numerics.streamed_findings import analytic_nonzero, heatmap, listed, sparse_diagnosis
+from gradverify.numerics.streamed_findings import (
+    analytic_nonzero,
+    heatmap,
+    listed,
+    sparse_diagnosis,
+    whole_block_diagnosis,
+)
 from gradverify.numerics.vjp import VjpSource
 from gradverify.report import CheckResult, Diagnosis, Heatmap, Mismatch
 
@@ -406,8 +412,10 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
             if n_bad or bool((v != int(Verdict.AGREE)).any()):
                 heatmaps.append(heatmap(st, names[o], ctx.input_names[p], r, c, v))
             if n_bad:
-                diagnoses.append(sparse_diagnosis(names[o], ctx.input_names[p], st, r[bad], c[bad], a[mine][bad],
-                                                  allowed[mine][bad], analytic_nonzero(analytic, o, p)))
+                whole = whole_block_diagnosis(ctx, analytic, truth, o, p, st, r, c, v, allowed[mine], f[mine])
+                diagnoses.extend(whole if whole is not None else
+                                 [sparse_diagnosis(names[o], ctx.input_names[p], st, r[bad], c[bad], a[mine][bad],
+                                                   allowed[mine][bad], analytic_nonzero(analytic, o, p))])
         del verdict, rows, cols, a, t, f, allowed
         release_memory()
     # Each block's list is sorted already (worst first): merge them, and keep the worst `cap`.
