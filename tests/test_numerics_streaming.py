@@ -68,6 +68,27 @@ def test_smallest_detectable_scales_with_tolerance() -> None:
     assert 1e-9 < small < 1e-6  # four probes: a few tens of tolerances
 
 
+def test_smallest_detectable_misses_with_the_stated_probability_by_monte_carlo() -> None:
+    # A wrong entry delta moves u^T A v by delta * u_i * v_j; one probe misses it when
+    # |u_i v_j| < tol / delta. At the threshold each of the 4 probes must miss with probability
+    # 1e-6 ** (1/4) (= 0.0316), so that all four miss with 1e-6: counted on 400,000 draws
+    # (standard error ~0.00028), and a 10% larger or smaller threshold is told apart.
+    from gradverify.numerics.projection import MISS_PROBABILITY, PROBES
+
+    tol = 1e-6
+    gen = torch.Generator().manual_seed(5)
+    uv = (torch.randn(400_000, generator=gen, dtype=torch.float64)
+          * torch.randn(400_000, generator=gen, dtype=torch.float64)).abs()
+    per_probe = MISS_PROBABILITY ** (1 / PROBES)
+
+    def miss_rate(delta: float) -> float:
+        return float((uv < tol / delta).double().mean())
+
+    delta = smallest_detectable(tol)
+    assert abs(miss_rate(delta) - per_probe) < 0.0015
+    assert miss_rate(1.1 * delta) < per_probe - 0.002 < per_probe + 0.002 < miss_rate(delta / 1.1)
+
+
 def test_auto_measures_the_pass_and_switches_to_projections_when_it_would_take_too_long(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from gradverify.checks import jacobian
     from gradverify.numerics import streaming
