@@ -125,7 +125,8 @@ def whole_block_diagnosis(ctx: CaseContext, analytic: VjpSource, truth: Truth, o
 
 
 def sparse_diagnosis(out_name: str, in_name: str, st: _Block, rows: torch.Tensor, cols: torch.Tensor,
-                     a: torch.Tensor, allowed: torch.Tensor, analytic_nonzero: bool) -> Diagnosis:
+                     a: torch.Tensor, allowed: torch.Tensor, analytic_nonzero: bool,
+                     t: torch.Tensor | None = None, complete: bool = True) -> Diagnosis:
     """The patterns a streamed comparison can establish from the wrong entries alone."""
     deriv = f"∂{out_name}/∂{in_name}"
     n_bad = int(rows.numel())
@@ -155,9 +156,8 @@ def sparse_diagnosis(out_name: str, in_name: str, st: _Block, rows: torch.Tensor
                          evidence=f"{n_bad}/{n_bad} wrong entries are 0 in the backward (streamed comparison)",
                          hint="the backward treats the op as element-wise: add the term that flows back through the "
                               "reduction in forward")
-    if n_bad <= 3:
-        return Diagnosis("partial", f"{n_bad} of {st.entries} entries of {deriv} are wrong", output=out_name,
-                         input=in_name, hint="a boundary case or one index of the formula is wrong")
-    return Diagnosis("other", f"{deriv}: {n_bad} of {st.entries} entries differ (too large for the whole-block "
-                              "pattern rules: re-run at a smaller shape for a full diagnosis)",
-                     output=out_name, input=in_name, hint="the entries are listed; a smaller --shape names the pattern")
+    # Otherwise: where the wrong entries sit and how the backward relates to the truth there.
+    from gradverify.diagnose import describe_located
+
+    return describe_located(out_name, in_name, st.out_shape, st.in_shape, rows, cols, a, t, total=st.entries,
+                            complete=complete)

@@ -415,7 +415,8 @@ def _judge(ctx: CaseContext, analytic: VjpSource, truth: Truth, blocks: dict[tup
                 whole = whole_block_diagnosis(ctx, analytic, truth, o, p, st, r, c, v, allowed[mine], f[mine])
                 diagnoses.extend(whole if whole is not None else
                                  [sparse_diagnosis(names[o], ctx.input_names[p], st, r[bad], c[bad], a[mine][bad],
-                                                   allowed[mine][bad], analytic_nonzero(analytic, o, p))])
+                                                   allowed[mine][bad], analytic_nonzero(analytic, o, p),
+                                                   t[mine][bad], complete=not lower_bound)])
         del verdict, rows, cols, a, t, f, allowed
         release_memory()
     # Each block's list is sorted already (worst first): merge them, and keep the worst `cap`.
