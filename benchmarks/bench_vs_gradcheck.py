@@ -191,7 +191,7 @@ def memory(baseline: float, misses: list[str]) -> None:
 
 # --- 3. command line ---------------------------------------------------------------------------
 
-ENTRY = re.compile(r"∂out\[[0-9, ]+\] / ∂x\[[0-9, ]+\]")
+ENTRY = re.compile(r"∂out\[[0-9, ]+\]\s*/\s*∂x\[[0-9, ]+\]")
 
 
 def cli(baseline: float, misses: list[str]) -> None:
