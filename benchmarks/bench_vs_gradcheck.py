@@ -1,6 +1,6 @@
 """gradverify against torch.autograd.gradcheck, right and failing ops, time and memory.
 
-    python benchmarks/bench_vs_gradcheck.py                  # everything (~40 minutes on 2 cores)
+    python benchmarks/bench_vs_gradcheck.py                  # everything (~20 minutes on 2 cores)
     python benchmarks/bench_vs_gradcheck.py --only speed     # or: memory, cli
     python benchmarks/bench_vs_gradcheck.py --gradcheck-16k  # also gradcheck at 16,384 (~15 GiB)
 

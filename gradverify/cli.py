@@ -121,7 +121,7 @@ def check(
                                                    "judged) fail the run.")] = None,
     mode: Annotated[str | None, typer.Option(
         "--mode", metavar=_choices(Mode), rich_help_panel=HOW,
-        help="full: every Jacobian entry; fast: random projections; auto (default): full up to 2^28 entries.")] = None,  # noqa: E501
+        help="full: every Jacobian entry; fast: random projections; auto (default): full when estimated under 40 CPU s, else fast.")] = None,  # noqa: E501
     max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", rich_help_panel=HOW,
                                                       help="Memory budget, e.g. 512M (default) or 2G.")] = None,
     nondet_tol: Annotated[str | None, typer.Option("--nondet-tol", metavar="X", rich_help_panel=HOW,
