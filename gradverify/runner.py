@@ -19,6 +19,7 @@ from gradverify.checks import selected
 from gradverify.checks.base import CaseContext, user_error_result
 from gradverify.config import Settings
 from gradverify.errors import SpecError
+from gradverify.numerics.richardson import release_memory
 from gradverify.report import (CaseResult, CheckResult, Diagnosis, InputInfo, Severity, Status, worst_status)
 from gradverify.sandbox import torch_sandbox
 from gradverify.usercode import UserCodeError
@@ -220,6 +221,11 @@ def run_case_once(case: Case, settings: Settings, values: list[Any] | None = Non
             progress(check.name)
         results = check.run(ctx)
         ctx.results.extend(results)
+        # What a check freed goes back to the OS before the next one allocates: glibc keeps freed
+        # large blocks in its heap, so without this each check's peak stacks on the last one's
+        # leftovers (measured, row softmax 1000x1000 at --max-memory 256M: 635 MiB peak, the
+        # resident set growing 270 -> 588 MiB over the checks). A trim costs milliseconds.
+        release_memory()
         if check.name == "contracts" and any(r.status is Status.ERROR or (
                 r.status is Status.FAILED and any(d.kind == "shape_mismatch" for d in r.diagnoses)) for r in results):
             # A backward that raises or returns the wrong count: nothing else can run on it, but
