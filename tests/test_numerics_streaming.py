@@ -151,5 +151,5 @@ def test_a_streamed_failure_is_named_by_the_whole_block_rules_when_its_blocks_fi
     assert alone.mismatch_count == negative and [d.kind for d in alone.diagnoses] == ["other"]
     # ... where they sit and how the backward relates to the truth there (1/0.1 = 10 at each).
     message = alone.diagnoses[0].message
-    assert f"{negative} of 129600 entries located (streamed comparison)" in message, message
+    assert f"{negative} of 129,600 entries located (streamed comparison)" in message, message
     assert "backward/truth from 10 to 10" in message, message

@@ -72,6 +72,10 @@ def test_fast_mode_catches_missing_softmax_offdiagonal() -> None:
     assert check.mismatch_count > 0
     for m in check.mismatches:  # every named entry is an off-diagonal one within a row
         assert m.out_index[0] == m.in_index[0] and m.out_index[1] != m.in_index[1] and m.got == 0.0
+    # What the located entries establish without the whole block: the backward is 0 at all of them.
+    [located] = [d for d in check.diagnoses if d.kind in ("other", "partial")]
+    assert "entries located (projected comparison)" in located.message, located.message
+    assert "the backward is 0 at every one of them" in located.message, located.message
     full = _jacobian(gradverify.verify(SoftmaxDiagonal, x, mode="full", gradcheck="off"))
     named = {(m.out_index, m.in_index) for m in full.mismatches}
     assert {(m.out_index, m.in_index) for m in check.mismatches} <= named

@@ -94,7 +94,7 @@ def describe_located(out_name: str, in_name: str, out_shape: Sequence[int], in_s
     outs = sorted(set(out_flat.tolist()))
     ins = sorted(set(in_flat.tolist()))
     parts = []
-    count = f"{n}" + ("+" if not complete else "") + (f" of {total}" if total else "")
+    count = f"{n}" + ("+" if not complete else "") + (f" of {total:,}" if total else "")
     parts.append(f"{count} entries located ({how} comparison)")
     if n <= 5:
         parts.append(listing([f"∂{format_index(out_name, unravel(o, out_shape))}/"
@@ -106,7 +106,7 @@ def describe_located(out_name: str, in_name: str, out_shape: Sequence[int], in_s
         idx = [unravel(f, shape) for f in flat]
         ranges = [(min(i[d] for i in idx), max(i[d] for i in idx)) for d in range(len(shape))]
         if any(r != (0, s - 1) for r, s in zip(ranges, shape)):
-            parts.append(f"all in {box_text(name, ranges, shape)} ({len(flat)} of its {math.prod(shape)} entries)")
+            parts.append(f"all in {box_text(name, ranges, shape)} ({len(flat)} of its {math.prod(shape):,} entries)")
             break
     else:
         parts.append(f"spread over {len(outs)} {out_name} and {len(ins)} {in_name} entries")

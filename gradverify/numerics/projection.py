@@ -223,13 +223,7 @@ def projected_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries
             how = "bisection of the failing projections"
         details.append(("localisation", f"{len(found)} candidate entr{'y' if len(found) == 1 else 'ies'} in "
                                         f"{backward_calls} batched backward calls per side ({how})"))
-        if mismatches:
-            listed = ", ".join(f"∂{m.output}{list(m.out_index)}/∂{m.input}{list(m.in_index)}" for m in mismatches[:3])
-            more = f" and {len(mismatches) - 3} more" if len(mismatches) > 3 else ""
-            diagnoses.append(Diagnosis("partial" if len(mismatches) <= 3 and not truncated else "other",
-                                       f"{len(mismatches)} entr{'y' if len(mismatches) == 1 else 'ies'} located from "
-                                       f"the failing projections: {listed}{more}",
-                                       hint="re-run at a smaller --shape for a full diagnosis of the pattern"))
+        diagnoses.extend(_located_diagnoses(ctx, analytic, mismatches, complete=not truncated))
     notes = ()
     if truncated:
         notes = ("the backward is wrong in more places than localisation follows: the entries listed are a sample",)
@@ -239,6 +233,41 @@ def projected_check(ctx: CaseContext, analytic: VjpSource, truth: Truth, entries
                     max_err=max((m.abs_err for m in mismatches), default=largest),
                     lower_bound=bool(count), notes=notes, guarantee="",
                     summary=f"{count}+ located" if count else f"{len(failing)}/{PROBES} projections wrong")
+
+
+def _located_diagnoses(ctx: CaseContext, analytic: VjpSource, mismatches: list[Mismatch], *,
+                       complete: bool) -> list[Diagnosis]:
+    """Per (output, input) block, what the located entries establish without the whole block:
+    where they sit and how the backward relates to the truth there (diagnose.describe_located)."""
+    from gradverify.diagnose import describe_located
+
+    out_pos = {name: o for o, name in ctx.output_names.items()}
+    in_pos = {name: p for p, name in enumerate(ctx.input_names)}
+    leaves = dict(analytic.leaves)
+    groups: dict[tuple[str, str], list[Mismatch]] = {}
+    for m in mismatches:
+        groups.setdefault((m.output, m.input), []).append(m)
+    found = []
+    for (out_name, in_name), group in groups.items():
+        o, p = out_pos.get(out_name), in_pos.get(in_name)
+        if o is None or p is None or o not in analytic.outputs or p not in leaves:
+            continue
+        out_shape, in_shape = tuple(analytic.outputs[o].shape), tuple(leaves[p].shape)
+        out_flat = torch.tensor([_ravel(m.out_index, out_shape) for m in group], dtype=torch.long)
+        in_flat = torch.tensor([_ravel(m.in_index, in_shape) for m in group], dtype=torch.long)
+        found.append(describe_located(
+            out_name, in_name, out_shape, in_shape, out_flat, in_flat,
+            torch.tensor([m.got for m in group], dtype=torch.float64),
+            torch.tensor([m.expected for m in group], dtype=torch.float64),
+            total=math.prod(out_shape) * math.prod(in_shape), how="projected", complete=complete))
+    return found
+
+
+def _ravel(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    flat = 0
+    for i, size in zip(index, shape):
+        flat = flat * size + i
+    return flat
 
 
 def _collect(evidence: _Evidence | None, k: int, difference: dict[int, torch.Tensor], scale: float,
