@@ -212,15 +212,31 @@ class Zygote:
 # One zygote per process, reused by every run in it (a test session, a library caller that checks
 # many times): starting one costs a torch import, forking from it milliseconds. It exits with this
 # process (its socket closes), taking its children with it.
+# A forked worker takes its run's environment, but what torch and its libraries read once, when
+# the zygote imported them (thread counts, allocator and backend switches), stays the zygote's: a
+# run whose variables of that kind differ from the zygote's gets a new zygote.
+IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "TORCH", "PYTORCH_", "CUDA_", "LD_",
+                        "PYTHON")
 _shared: Zygote | None = None
+_shared_import_env: dict[str, str] = {}
 _shared_lock = threading.Lock()
 
 
+def import_time_env(env: dict[str, str]) -> dict[str, str]:
+    """The variables of `env` that a process reads when it starts or imports torch."""
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)}
+
+
 def _shared_zygote(env: dict[str, str], start_timeout: float) -> Zygote:
-    global _shared
+    global _shared, _shared_import_env
+    wanted = import_time_env(env)
     with _shared_lock:
+        if _shared is not None and _shared_import_env != wanted:
+            _shared.close()
+            _shared = None
         if _shared is None or not _shared.alive or _shared.proc.poll() is not None:
             _shared = Zygote(env, start_timeout)
+            _shared_import_env = wanted
         return _shared
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -213,3 +214,11 @@ def test_runs_in_one_process_share_the_zygote_and_each_worker_takes_its_runs_fol
         if sys.platform.startswith("linux"):
             assert supervisor.launcher.forked == 1 and zygote is first and zygote is not None and zygote.alive
     assert f"cwd={tmp_path / 'run0'} tag=tag0" in outputs[0] and f"cwd={tmp_path / 'run1'} tag=tag1" in outputs[1]
+    # A variable torch reads when it is imported cannot be handed to a forked worker: a run that
+    # changes one gets a zygote of its own.
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("OMP_NUM_THREADS", "3" if os.environ.get("OMP_NUM_THREADS") != "3" else "2")
+        supervisor = Supervisor(["op.py"], Settings(gradcheck="off"))
+        [case] = supervisor.run()
+        assert case.status is Status.PASSED and supervisor.launcher.forked == 1
+        assert launcher._shared is not first and launcher._shared is not None and not first.alive
