@@ -26,7 +26,7 @@ import torch
 from gradverify.checks.base import CaseContext, Truth
 from gradverify.diagnose import diagnose
 from gradverify.numerics import judge
-from gradverify.numerics.blocks import BlockComparison, all_mismatches, heatmap_of
+from gradverify.numerics.blocks import BlockComparison, all_mismatches, heatmap_of, named_values
 from gradverify.numerics.colouring import MAX_CONFIRM_COLUMNS, Judged, second_truth
 from gradverify.numerics.finite_diff import FiniteDifferences
 from gradverify.numerics.judge import Verdict
@@ -305,10 +305,8 @@ def judged_blocks(tolerance: Tolerance, a_blocks: dict[tuple[int, int], torch.Te
             allowed=judge.allowed(t, scales[(o, p)], tolerance, slacks.get((o, p))).reshape(shape),
             verdict=verdicts[(o, p)].reshape(shape), out_shape=out_shape, in_shape=in_shape,
             second=seconds[(o, p)].reshape(shape) if (o, p) in seconds else None,
-            inputs=({name: value.detach() if isinstance(value, torch.Tensor) else value
-                     for name, value in zip(in_names, truth.args)} if len(in_names) == len(truth.args) else None),
-            outputs={out_names[k]: out.detach() for k, out in outputs.items()},
-            tangent=truth.fd.tangents.get(p), dtype=tolerance.dtype))
+            tangent=truth.fd.tangents.get(p), dtype=tolerance.dtype,
+            **named_values(truth.args, in_names, outputs, out_names)))
     return comparisons, fd_columns, described
 
 

@@ -81,6 +81,16 @@ class BlockComparison:
         return float(err.max()) if err.numel() else 0.0
 
 
+def named_values(args: list[Any] | tuple[Any, ...], in_names: Any, outputs: dict[int, torch.Tensor],
+                 out_names: dict[int, str]) -> dict[str, Any]:
+    """A BlockComparison's `inputs` and `outputs` (its docstring says why the diagnosis wants
+    them): every argument by name, tensors detached; None for the inputs when the names do not
+    line up with the arguments."""
+    inputs = ({name: value.detach() if isinstance(value, torch.Tensor) else value
+               for name, value in zip(in_names, args)} if len(in_names) == len(args) else None)
+    return {"inputs": inputs, "outputs": {out_names[k]: out.detach() for k, out in outputs.items()}}
+
+
 def unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     index = []
     for size in reversed(shape):

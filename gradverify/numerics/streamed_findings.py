@@ -16,6 +16,7 @@ from gradverify.numerics.blocks import (
     HEATMAP_MAX_ROWS,
     BlockComparison,
     heatmap_from_codes,
+    named_values,
 )
 from gradverify.numerics.judge import Verdict
 from gradverify.numerics.vjp import VjpSource
@@ -117,10 +118,8 @@ def whole_block_diagnosis(ctx: CaseContext, analytic: VjpSource, truth: Truth, o
         analytic=a.reshape(shape), truth=t.reshape(shape), allowed=full_allowed.reshape(shape),
         verdict=full_verdict.reshape(shape), out_shape=st.out_shape, in_shape=st.in_shape,
         second=full_second.reshape(shape),
-        inputs=({name: value.detach() if isinstance(value, torch.Tensor) else value
-                 for name, value in zip(in_names, truth.args)} if len(in_names) == len(truth.args) else None),
-        outputs={ctx.output_names[k]: out.detach() for k, out in analytic.outputs.items()},
-        tangent=truth.fd.tangents.get(p), dtype=ctx.tolerance.dtype)
+        tangent=truth.fd.tangents.get(p), dtype=ctx.tolerance.dtype,
+        **named_values(truth.args, in_names, analytic.outputs, ctx.output_names))
     return list(diagnose([comparison]))
 
 
