@@ -98,8 +98,11 @@ def whole_block_diagnosis(ctx: CaseContext, analytic: VjpSource, truth: Truth, o
     from gradverify.diagnose import diagnose
 
     reference = truth.reference.source
+    # VjpSource.blocks(o) reads output o's rows once for every input: all of its blocks are held
+    # (twice, analytic and reference) while this one is taken.
+    row_entries = st.m * sum(leaf.numel() for _, leaf in analytic.leaves)
     if (reference is None or st.entries > WHOLE_BLOCK_MAX_ENTRIES
-            or st.entries * 8 * WHOLE_BLOCK_COPIES > ctx.settings.max_memory):
+            or (st.entries * WHOLE_BLOCK_COPIES + 2 * row_entries) * 8 > ctx.settings.max_memory):
         return None
     a = analytic.blocks(o)[p].reshape(st.m, st.n).double()
     t = reference.blocks(o)[p].reshape(st.m, st.n).double()
